@@ -1,0 +1,63 @@
+"""fptq_compile: a W4A8 (int4 weights, int8 activations) FPTQ quantization compiler.
+
+Typical use::
+
+    import fptq_compile as fptq
+    loaded = fptq.load_model()                      # built-in SmolLM2-135M, offline
+    compiled = fptq.compile(loaded, fptq.RandomTokens(), num_samples=8, seq_len=128)
+    logits = compiled(input_ids)
+    print(compiled.plan.summary())
+"""
+
+from __future__ import annotations
+
+from fptq_compile import ops as ops  # registers torch.ops.fptq.*
+from fptq_compile.calibration import HFDataset, RandomTokens, TextFile, Texts
+from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
+from fptq_compile.errors import (
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    FptqError,
+    ModelLoadError,
+    PassError,
+    PreconditionError,
+    UnsupportedGraphError,
+)
+from fptq_compile.generation import generate_greedy
+from fptq_compile.models import LoadedModel, load_model
+from fptq_compile.passes.base import Pass, PassResult
+from fptq_compile.pipeline import DEFAULT_PASSES, CompiledModel, CompileReport, compile
+from fptq_compile.plan import ActivationClass, QuantPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PASSES",
+    "ActivationClass",
+    "ActivationConfig",
+    "ActivationPolicy",
+    "CalibrationError",
+    "CompileConfig",
+    "CompileReport",
+    "CompiledModel",
+    "ConfigError",
+    "ExportError",
+    "FptqError",
+    "HFDataset",
+    "LoadedModel",
+    "ModelLoadError",
+    "Pass",
+    "PassError",
+    "PassResult",
+    "PreconditionError",
+    "QuantPlan",
+    "RandomTokens",
+    "TextFile",
+    "Texts",
+    "UnsupportedGraphError",
+    "WeightConfig",
+    "compile",
+    "generate_greedy",
+    "load_model",
+]

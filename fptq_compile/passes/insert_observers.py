@@ -1,0 +1,135 @@
+"""Insert temporary activation observers in front of the linears to quantize.
+
+Before: ``linear(x, w)``, ``linear(x, w2)`` (two linears reading one tensor ``x``)
+After:  ``x_seen = observer(x)``; ``linear(x_seen, w)``, ``linear(x_seen, w2)``
+
+One observer per distinct input tensor: q/k/v (and gate/up) read the same activation,
+so it is measured once. Each observer keeps a streaming per-channel ``max|x|`` (one
+vectorized reduction per batch, no Python loop over channels or tokens). After the
+calibration batches, :func:`read_activation_stats` reads the observers out into
+:class:`ActivationStats` keyed by linear node name, and :func:`remove_observers` restores
+the graph. Preconditions: the linears come from :func:`fptq_compile.capture.find_linear_sites`
+on this graph. Postcondition of ``remove_observers``: no observer is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from fptq_compile.capture import LinearSite
+from fptq_compile.errors import CalibrationError, PreconditionError
+from fptq_compile.graph_utils import find_node
+from fptq_compile.passes.base import PassResult
+
+_OBSERVER_PREFIX = "fptq_observer_"
+
+
+class ActivationObserver(nn.Module):
+    """Passes its input through and records the running per-channel ``max|x|``."""
+
+    def __init__(self, input_node: str, linears: Sequence[str]) -> None:
+        super().__init__()
+        self.input_node = input_node
+        self.linears = tuple(linears)
+        self.channel_absmax: torch.Tensor | None = None
+        self.num_tokens = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_absmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).to(torch.float32)
+        if self.channel_absmax is None:
+            self.channel_absmax = batch_absmax
+        else:
+            torch.maximum(self.channel_absmax, batch_absmax, out=self.channel_absmax)
+        self.num_tokens += x.numel() // x.shape[-1]
+        return x
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Calibration statistics of one linear's input."""
+
+    input_node: str
+    channel_absmax: torch.Tensor
+    num_tokens: int
+
+    @property
+    def tensor_absmax(self) -> float:
+        return float(self.channel_absmax.max())
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per linear node name, the statistics of its input over the calibration data."""
+
+    per_linear: Mapping[str, ChannelStats]
+
+    def __getitem__(self, linear_node: str) -> ChannelStats:
+        return self.per_linear[linear_node]
+
+
+def _observers(graph_module: fx.GraphModule) -> list[tuple[fx.Node, ActivationObserver]]:
+    found = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            module = graph_module.get_submodule(str(node.target))
+            if isinstance(module, ActivationObserver):
+                found.append((node, module))
+    return found
+
+
+def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]) -> PassResult:
+    """Put one :class:`ActivationObserver` on each distinct input of ``linears``."""
+    if _observers(graph_module):
+        return PassResult(graph_module, modified=False, report={"observers": 0, "note": "observers already present"})
+    by_input: dict[str, list[fx.Node]] = {}
+    for site in linears:
+        linear = find_node(graph_module, site.node)
+        if linear is None:
+            raise PreconditionError(f"linear node {site.node} ({site.module_path}) is not in the graph")
+        by_input.setdefault(site.input_node, []).append(linear)
+    graph = graph_module.graph
+    for index, (input_name, linear_nodes) in enumerate(by_input.items()):
+        input_node = linear_nodes[0].args[0]
+        if not isinstance(input_node, fx.Node) or input_node.name != input_name:
+            raise PreconditionError(f"linear {linear_nodes[0].name} no longer reads {input_name}: stale linear sites")
+        target = f"{_OBSERVER_PREFIX}{index}"
+        graph_module.add_submodule(target, ActivationObserver(input_name, [n.name for n in linear_nodes]))
+        with graph.inserting_after(input_node):
+            observed = graph.call_module(target, (input_node,))
+        observed.meta["val"] = input_node.meta.get("val")
+        for linear in linear_nodes:
+            linear.replace_input_with(input_node, observed)
+    graph_module.recompile()
+    return PassResult(graph_module, modified=bool(by_input), report={"observers": len(by_input)})
+
+
+def read_activation_stats(graph_module: fx.GraphModule) -> ActivationStats:
+    """Read the observers out into frozen statistics keyed by linear node name."""
+    per_linear: dict[str, ChannelStats] = {}
+    for _, observer in _observers(graph_module):
+        if observer.channel_absmax is None:
+            raise CalibrationError(
+                f"observer of {observer.input_node} (feeding {', '.join(observer.linears)}) saw no data: "
+                "run calibration batches through the graph first"
+            )
+        stats = ChannelStats(observer.input_node, observer.channel_absmax.clone(), observer.num_tokens)
+        for linear in observer.linears:
+            per_linear[linear] = stats
+    return ActivationStats(per_linear)
+
+
+def remove_observers(graph_module: fx.GraphModule) -> PassResult:
+    """Take every observer out of the graph and the module tree."""
+    observers = _observers(graph_module)
+    for node, _ in observers:
+        node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+        graph_module.graph.erase_node(node)
+        delattr(graph_module, str(node.target))
+    if observers:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, modified=bool(observers), report={"observers_removed": len(observers)})

@@ -1,0 +1,101 @@
+"""Quantize the planned linears: int4 group-wise weights and int8 activations.
+
+Before: ``linear(x, W, b)``
+After (static):  ``linear(dequantize_per_tensor(quantize_per_tensor(x, s), s), dequantize_int4_groups(Wq, Ws, Wz, g), b)``
+After (dynamic): ``q, s = quantize_per_token(x)``; ``linear(dequantize_per_token(q, s), dequantize_int4_groups(...), b)``
+After (float):   ``linear(x, dequantize_int4_groups(...), b)`` (weight-only)
+
+``Wq`` holds real int4 values (in an int8 tensor, one per byte) with per-group scales
+``Ws`` (and int4 zero points ``Wz`` when asymmetric), registered as buffers that
+exporters emit as they are. The ops are ``torch.ops.fptq.*`` (see :mod:`fptq_compile.ops`).
+Linears of one activation group share one activation Q/DQ chain. Bias stays float.
+Preconditions: groups the plan puts on ``lae_static`` were folded by
+``fold_log_equalization`` (their static scale assumes it). Postcondition: every planned
+linear is tagged ``quantized``; running the pass again changes nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+import fptq_compile.ops  # noqa: F401  (registers torch.ops.fptq)
+from fptq_compile.errors import PreconditionError
+from fptq_compile.graph_utils import add_constant, fetch_tensor, find_node
+from fptq_compile.metadata import get_linear_state, update_linear_state
+from fptq_compile.passes.base import PassResult
+from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
+from fptq_compile.primitives import quantize_int4_groups
+
+fptq_ops = torch.ops.fptq
+
+
+def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:
+    """Replace every planned linear's weight by int4 data and quantize its input."""
+    quantized_inputs: dict[str, fx.Node] = {}
+    quantized = 0
+    for layer in plan.layers:
+        linear = find_node(graph_module, layer.node)
+        if linear is None or linear.target != torch.ops.aten.linear.default:
+            raise PreconditionError(f"linear {layer.node} ({layer.module_path}) is not in the graph")
+        state = get_linear_state(linear)
+        if state.quantized:
+            continue
+        group = plan.group_of(layer)
+        if group.activation.kind is ActivationClass.LAE_STATIC and not state.lae_folded:
+            raise PreconditionError(
+                f"{layer.node} ({layer.module_path}) is planned lae_static but its LAE scale was not folded: "
+                "run fold_log_equalization first, or plan without LAE"
+            )
+        _quantize_weight(graph_module, linear, layer)
+        activation = linear.args[0]
+        if not isinstance(activation, fx.Node):
+            raise PreconditionError(f"{layer.node} ({layer.module_path}): input is not a graph value")
+        if group.activation.kind is not ActivationClass.FLOAT:
+            if group.input_node not in quantized_inputs:
+                quantized_inputs[group.input_node] = _quantize_activation(graph_module, activation, group)
+            linear.replace_input_with(activation, quantized_inputs[group.input_node])
+        update_linear_state(linear, quantized=True)
+        quantized += 1
+    return PassResult(graph_module, modified=quantized > 0, report={"quantized_linears": quantized})
+
+
+def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> None:
+    weight_node = linear.args[1]
+    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
+    weight = fetch_tensor(graph_module, str(weight_node.target))
+    groups = quantize_int4_groups(weight, layer.weight.group_size, layer.weight.symmetric)
+    codes = add_constant(graph_module, f"fptq_{linear.name}_weight_int4", groups.codes, before=linear)
+    scale = add_constant(graph_module, f"fptq_{linear.name}_weight_scale", groups.scale, before=linear)
+    zero_point = None
+    if groups.zero_point is not None:
+        zero_point = add_constant(graph_module, f"fptq_{linear.name}_weight_zero_point", groups.zero_point, before=linear)
+    with graph_module.graph.inserting_before(linear):
+        dequantized = graph_module.graph.call_function(
+            fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)
+        )
+    linear.update_arg(1, dequantized)
+
+
+def _quantize_activation(graph_module: fx.GraphModule, activation: fx.Node, group: ActivationGroup) -> fx.Node:
+    """Insert the group's Q/DQ chain right after its input and return the DQ node."""
+    graph = graph_module.graph
+    if group.activation.kind is ActivationClass.DYNAMIC:
+        with graph.inserting_after(activation):
+            quantized = graph.call_function(fptq_ops.quantize_per_token.default, (activation,))
+        with graph.inserting_after(quantized):
+            codes = graph.call_function(operator.getitem, (quantized, 0))
+        with graph.inserting_after(codes):
+            scale = graph.call_function(operator.getitem, (quantized, 1))
+        with graph.inserting_after(scale):
+            return graph.call_function(fptq_ops.dequantize_per_token.default, (codes, scale))
+    static_scale = group.activation.scale
+    if static_scale is None:
+        raise PreconditionError(f"group {group.input_node}: static activation without a scale")
+    with graph.inserting_after(activation):
+        codes = graph.call_function(fptq_ops.quantize_per_tensor.default, (activation, static_scale))
+    with graph.inserting_after(codes):
+        return graph.call_function(fptq_ops.dequantize_per_tensor.default, (codes, static_scale))

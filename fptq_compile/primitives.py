@@ -1,0 +1,157 @@
+"""Pure quantization math: no graphs, no modules, just tensors in and tensors out.
+
+Shared by the torch ops (:mod:`fptq_compile.ops`), the passes and the exporters, so the
+numbers are defined once. Conventions (those of DESIGN.md §6, compressed-tensors/torchao):
+
+- int8 activations: symmetric, ``scale = absmax / 127.5``, codes clamped to [-128, 127];
+- int4 weights: group-wise along the input dimension, symmetric ``scale = absmax / 7.5``
+  with codes in [-8, 7], or asymmetric ``scale = (max - min) / 15`` with an int4 zero point;
+- rounding is ``round(x / scale)``, half to even, exactly as ONNX ``QuantizeLinear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT8_MIN, INT8_MAX = -128, 127
+INT4_MIN, INT4_MAX = -8, 7
+INT8_SYMMETRIC_DIVISOR = 127.5
+INT4_SYMMETRIC_DIVISOR = 7.5
+INT4_ASYMMETRIC_DIVISOR = 15.0
+
+# Smallest absmax a scale is computed from: keeps an all-zero group or token from dividing
+# by zero without changing any code (every value of such a group quantizes to 0 anyway).
+SCALE_FLOOR = 1e-8
+
+
+def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / scale), qmin, qmax)`` as int8 (round half to even, like ONNX)."""
+    return torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8)
+
+
+def int8_scale_from_absmax(absmax: torch.Tensor | float) -> torch.Tensor:
+    """The symmetric int8 scale for a range of ``[-absmax, absmax]``."""
+    absmax_tensor = torch.as_tensor(absmax, dtype=torch.float32)
+    return torch.clamp(absmax_tensor, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 quantization with one scale per row of the last dimension.
+
+    Returns ``(codes int8 shaped like x, scale float shaped x[..., :1])``.
+    """
+    absmax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+    return quantize_symmetric(x, scale, INT8_MIN, INT8_MAX), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in the scale's float type (ONNX DequantizeLinear)."""
+    values = codes.to(torch.float32)
+    if zero_point is not None:
+        values = values - zero_point.to(torch.float32)
+    return values * scale
+
+
+@dataclass(frozen=True)
+class Int4Groups:
+    """A weight ``[out_features, in_features]`` as int4 codes with per-group scales.
+
+    ``codes`` holds the int4 values in an int8 tensor (one value per byte; exporters pack
+    two per byte). ``scale`` and ``zero_point`` are ``[out_features, n_groups]`` with
+    ``n_groups = ceil(in_features / group_size)``: the last group is partial when the
+    input size is not a multiple of the group size.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return int(self.codes.shape[1])
+
+
+def _expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """Repeat ``[N, n_groups]`` values over their groups to ``[N, in_features]``."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, K]`` as ``[N, n_groups, group_size]``, the partial last group padded with zeros."""
+    out_features, in_features = weight.shape
+    n_groups = -(-in_features // group_size)
+    padded = torch.nn.functional.pad(weight, (0, n_groups * group_size - in_features))
+    return padded.reshape(out_features, n_groups, group_size)
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int, symmetric: bool = True) -> Int4Groups:
+    """Round-to-nearest int4 quantization of ``weight [N, K]`` in groups along K.
+
+    Zero padding of a partial last group never changes its range: symmetric groups use
+    absmax, asymmetric groups always include zero in their range.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    weight = weight.detach().to(torch.float32)
+    grouped = _group_view(weight, group_size)
+    in_features = weight.shape[1]
+    if symmetric:
+        absmax = grouped.abs().amax(dim=-1)
+        scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR
+        codes = quantize_symmetric(weight, _expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
+        return Int4Groups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
+    group_min = torch.clamp(grouped.amin(dim=-1), max=0.0)
+    group_max = torch.clamp(grouped.amax(dim=-1), min=0.0)
+    scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
+    zero_point = torch.clamp(torch.round(INT4_MIN - group_min / scale), INT4_MIN, INT4_MAX).to(torch.int8)
+    full_scale = _expand_groups(scale, group_size, in_features)
+    full_zero_point = _expand_groups(zero_point, group_size, in_features).to(torch.float32)
+    codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
+    return Int4Groups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
+
+
+def dequantize_int4_groups(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The float weight ``[N, K]`` that int4 ``codes`` and per-group ``scale`` stand for."""
+    in_features = codes.shape[1]
+    full_zero_point = None if zero_point is None else _expand_groups(zero_point, group_size, in_features)
+    return dequantize(codes, _expand_groups(scale, group_size, in_features), full_zero_point)
+
+
+def log_equalization_scale(channel_absmax: torch.Tensor) -> torch.Tensor:
+    """FPTQ's logarithmic activation equalization scale, per input channel.
+
+    ``s_j = max|X_j| / log2(2 + max|X_j|)``, with ``max|X_j|`` the channel's absolute
+    maximum over the calibration data, as the paper writes it (llm-compressor derives
+    its statistic from the channel's min–max range instead). Activations are divided by
+    ``s`` and weight columns multiplied by it. A channel that never left zero gets
+    ``s_j = 1``: any scale is exact for it, and 1 keeps the weights as they are.
+    """
+    absmax = channel_absmax.to(torch.float32)
+    scale = absmax / torch.log2(2.0 + absmax)
+    return torch.where(absmax > SCALE_FLOOR, scale, torch.ones_like(scale))
+
+
+def equalized_absmax(channel_absmax: torch.Tensor, scale: torch.Tensor) -> float:
+    """The per-tensor absmax of the activations after dividing channel j by ``scale[j]``.
+
+    Exact, not an estimate: ``max_{t,j} |x_tj| / s_j = max_j (max_t |x_tj|) / s_j``.
+    """
+    return float((channel_absmax.to(torch.float32) / scale).max())
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    reference, approximation = reference.detach(), approximation.detach()
+    signal = reference.to(torch.float64).pow(2).mean()
+    noise = (reference.to(torch.float64) - approximation.to(torch.float64)).pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10.0 * torch.log10(signal / noise))
