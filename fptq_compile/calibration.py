@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -48,7 +48,7 @@ class RandomTokens:
     seed: int = 0
 
 
-CalibrationSource = Union[torch.Tensor, TextFile, Texts, HFDataset, RandomTokens, str, os.PathLike, Sequence[str]]
+CalibrationSource = torch.Tensor | TextFile | Texts | HFDataset | RandomTokens | str | os.PathLike[str] | Sequence[str]
 
 
 def calibration_token_ids(
@@ -61,12 +61,12 @@ def calibration_token_ids(
     seed: int = 0,
 ) -> torch.Tensor:
     """``[num_samples, seq_len]`` int64 token ids drawn from ``source``."""
+    if isinstance(source, torch.Tensor):
+        return _check_ids(source, vocab_size, max_sequence_length)
     if num_samples <= 0 or seq_len <= 1:
         raise CalibrationError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
     if max_sequence_length is not None and seq_len > max_sequence_length:
         raise CalibrationError(f"seq_len {seq_len} is longer than the model allows ({max_sequence_length} positions)")
-    if isinstance(source, torch.Tensor):
-        return _check_ids(source, vocab_size, max_sequence_length)
     if isinstance(source, RandomTokens):
         if not vocab_size:
             raise CalibrationError("data-free calibration needs the model's vocab_size")
@@ -91,11 +91,17 @@ def calibration_token_ids(
 
 def _check_ids(ids: torch.Tensor, vocab_size: int | None, max_sequence_length: int | None) -> torch.Tensor:
     if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
-        raise CalibrationError(f"calibration ids must be a non-empty integer tensor [n, seq], got {tuple(ids.shape)} {ids.dtype}")
+        raise CalibrationError(
+            f"calibration ids must be a non-empty integer tensor [n, seq], got {tuple(ids.shape)} {ids.dtype}"
+        )
     if max_sequence_length is not None and ids.shape[1] > max_sequence_length:
-        raise CalibrationError(f"calibration sequences of {ids.shape[1]} tokens exceed the model's {max_sequence_length}")
+        raise CalibrationError(
+            f"calibration sequences of {ids.shape[1]} tokens exceed the model's {max_sequence_length}"
+        )
     if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise CalibrationError(f"calibration ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        raise CalibrationError(
+            f"calibration ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]"
+        )
     return ids.to(torch.int64)
 
 
@@ -130,7 +136,7 @@ def _read_text(source: object) -> str:
 
 def _read_hf_dataset(source: HFDataset) -> str:
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError as error:
         raise CalibrationError("calibration from a dataset name needs the `datasets` package") from error
     try:

@@ -70,9 +70,7 @@ def capture(model: nn.Module) -> CapturedModel:
     model.eval()
     try:
         with torch.no_grad():
-            exported = torch.export.export(
-                _LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes, strict=False
-            )
+            exported = torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:  # torch.export raises many unrelated types; name the cause
         raise UnsupportedGraphError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}"
@@ -122,7 +120,9 @@ def select_linears(
 ) -> tuple[tuple[LinearSite, ...], tuple[SkippedLayer, ...]]:
     """Split linears into those to quantize and those kept float, each with its reason."""
     if not linears:
-        raise UnsupportedGraphError("the captured graph has no aten.linear with a parameter weight: nothing to quantize")
+        raise UnsupportedGraphError(
+            "the captured graph has no aten.linear with a parameter weight: nothing to quantize"
+        )
     for pattern in config.ignore:
         if not any(fnmatch.fnmatchcase(site.module_path, pattern) for site in linears):
             raise ConfigError(f"ignore pattern {pattern!r} matches no linear layer (e.g. {linears[0].module_path!r})")

@@ -46,6 +46,8 @@ class ActivationConfig:
     policy: ActivationPolicy = ActivationPolicy.FPTQ
     static_threshold: float = 15.0
     dynamic_threshold: float = 150.0
+    use_lae: bool = True
+    """False: LAE candidates (v0 < max|X| <= v1) go per-token dynamic, as when no norm folds."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, ActivationPolicy):

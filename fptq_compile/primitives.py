@@ -47,7 +47,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_symmetric(x, scale, INT8_MIN, INT8_MAX), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(codes - zero_point) * scale`` in the scale's float type (ONNX DequantizeLinear)."""
     values = codes.to(torch.float32)
     if zero_point is not None:

@@ -103,6 +103,8 @@ def _decide(
         return static(f"max|X| = {absmax:.3g} <= v0 = {v0:g}: per-tensor static")
     if absmax > v1:
         return dynamic(f"max|X| = {absmax:.3g} > v1 = {v1:g}: per-token dynamic")
+    if not config.activations.use_lae:
+        return dynamic(f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE disabled by config: per-token dynamic")
     fold, refusal = find_fold_target(graph_module, input_node, names)
     if fold is None:
         return dynamic(f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE candidate but {refusal}: per-token dynamic")

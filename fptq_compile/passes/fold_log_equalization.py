@@ -17,6 +17,8 @@ again changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
@@ -29,7 +31,8 @@ from fptq_compile.plan import ActivationClass, ActivationGroup, FoldKind, QuantP
 
 def fold_log_equalization(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:
     """Fold each LAE group's scale into its norm and its linears' weight columns."""
-    folded_groups = []
+    # Check every group before the first edit: a refused plan leaves the graph as it was.
+    pending: list[_Fold] = []
     for group in plan.groups:
         if group.activation.kind is not ActivationClass.LAE_STATIC:
             continue
@@ -39,9 +42,20 @@ def fold_log_equalization(graph_module: fx.GraphModule, plan: QuantPlan) -> Pass
             continue
         if states == {True, False}:
             raise PreconditionError(f"group {group.input_node}: only some of {list(group.linears)} are LAE-folded")
-        _fold_group(graph_module, group, linears)
-        folded_groups.append(group.input_node)
-    return PassResult(graph_module, modified=bool(folded_groups), report={"folded_groups": len(folded_groups)})
+        pending.append(_check_fold(graph_module, group, linears))
+    for fold in pending:
+        _apply_fold(graph_module, fold)
+    return PassResult(graph_module, modified=bool(pending), report={"folded_groups": len(pending)})
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """One group's fold, checked against the graph: what to divide and what to multiply."""
+
+    scale: torch.Tensor
+    norm: fx.Node
+    norm_positions: tuple[int, ...]
+    linears: tuple[fx.Node, ...]
 
 
 def _linear_node(graph_module: fx.GraphModule, name: str, group: ActivationGroup) -> fx.Node:
@@ -51,41 +65,47 @@ def _linear_node(graph_module: fx.GraphModule, name: str, group: ActivationGroup
     return node
 
 
-def _fold_group(graph_module: fx.GraphModule, group: ActivationGroup, linears: list[fx.Node]) -> None:
-    assert group.fold is not None and group.lae_scale is not None  # guaranteed by ActivationGroup
-    fold = group.fold
-    norm = find_node(graph_module, fold.node)
+def _is_parameter(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def _check_fold(graph_module: fx.GraphModule, group: ActivationGroup, linears: list[fx.Node]) -> _Fold:
+    fold, lae_scale = group.fold, group.lae_scale
+    if fold is None or lae_scale is None:
+        raise PreconditionError(f"LAE group {group.input_node} has no fold target or scale")
     where = f"LAE group {group.input_node} ({fold.module_path})"
+    norm = find_node(graph_module, fold.node)
     if norm is None:
         raise PreconditionError(f"{where}: fold node {fold.node} is not in the graph")
     if any(linear.args[0] is not norm for linear in linears) or set(norm.users) != set(linears):
         raise PreconditionError(f"{where}: {fold.node} must feed exactly {list(group.linears)}")
-    scale = torch.tensor(group.lae_scale, dtype=torch.float32)
-
+    if any(not _is_parameter(linear.args[1]) for linear in linears):
+        raise PreconditionError(f"{where}: a weight of {list(group.linears)} is not a parameter")
     if fold.kind is FoldKind.RMS_NORM:
         if norm.target != torch.ops.aten.mul.Tensor:
             raise PreconditionError(f"{where}: {fold.node} is {norm.target}, not the RMSNorm weight mul")
-        parameters = [(i, arg) for i, arg in enumerate(norm.args) if isinstance(arg, fx.Node) and arg.op == "get_attr"]
-        if not parameters:
-            raise PreconditionError(f"{where}: {fold.node} multiplies by no parameter")
-        position, weight_node = parameters[0]
-        new_weight = fetch_tensor(graph_module, str(weight_node.target)) / scale
-        _replace_arg(graph_module, norm, position, new_weight, f"fptq_lae_{norm.name}_weight")
-    elif fold.kind is FoldKind.LAYER_NORM:
+        positions = tuple(i for i, arg in enumerate(norm.args) if _is_parameter(arg))[:1]
+    else:
         if norm.target != torch.ops.aten.layer_norm.default:
             raise PreconditionError(f"{where}: {fold.node} is {norm.target}, not aten.layer_norm")
-        for position, role in ((2, "weight"), (3, "bias")):
-            arg = norm.args[position] if len(norm.args) > position else None
-            if isinstance(arg, fx.Node):
-                new_value = fetch_tensor(graph_module, str(arg.target)) / scale
-                _replace_arg(graph_module, norm, position, new_value, f"fptq_lae_{norm.name}_{role}")
+        positions = tuple(i for i in (2, 3) if len(norm.args) > i and _is_parameter(norm.args[i]))
+    if not positions:
+        raise PreconditionError(f"{where}: {fold.node} has no parameter to fold into")
+    scale = torch.tensor(lae_scale, dtype=torch.float32)
+    return _Fold(scale, norm, positions, tuple(linears))
 
-    for linear in linears:
-        weight_node = linear.args[1]
-        if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
-            raise PreconditionError(f"{where}: weight of {linear.name} is not a parameter")
-        weight = fetch_tensor(graph_module, str(weight_node.target))
-        _replace_arg(graph_module, linear, 1, weight * scale, f"fptq_lae_{linear.name}_weight")
+
+def _apply_fold(graph_module: fx.GraphModule, fold: _Fold) -> None:
+    for position in fold.norm_positions:
+        parameter = fold.norm.args[position]
+        assert isinstance(parameter, fx.Node)  # checked by _check_fold
+        new_value = fetch_tensor(graph_module, str(parameter.target)) / fold.scale
+        _replace_arg(graph_module, fold.norm, position, new_value, f"fptq_lae_{fold.norm.name}_arg{position}")
+    for linear in fold.linears:
+        weight = linear.args[1]
+        assert isinstance(weight, fx.Node)  # checked by _check_fold
+        new_weight = fetch_tensor(graph_module, str(weight.target)) * fold.scale
+        _replace_arg(graph_module, linear, 1, new_weight, f"fptq_lae_{linear.name}_weight")
         update_linear_state(linear, lae_folded=True)
 
 

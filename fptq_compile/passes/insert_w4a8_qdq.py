@@ -1,9 +1,11 @@
 """Quantize the planned linears: int4 group-wise weights and int8 activations.
 
 Before: ``linear(x, W, b)``
-After (static):  ``linear(dequantize_per_tensor(quantize_per_tensor(x, s), s), dequantize_int4_groups(Wq, Ws, Wz, g), b)``
-After (dynamic): ``q, s = quantize_per_token(x)``; ``linear(dequantize_per_token(q, s), dequantize_int4_groups(...), b)``
-After (float):   ``linear(x, dequantize_int4_groups(...), b)`` (weight-only)
+After:  ``linear(x_dq, dequantize_int4_groups(Wq, Ws, Wz, g), b)`` where ``x_dq`` is
+
+- static:  ``dequantize_per_tensor(quantize_per_tensor(x, s), s)``;
+- dynamic: ``q, s = quantize_per_token(x)``; ``dequantize_per_token(q, s)``;
+- float (weight-only): ``x`` itself.
 
 ``Wq`` holds real int4 values (in an int8 tensor, one per byte) with per-group scales
 ``Ws`` (and int4 zero points ``Wz`` when asymmetric), registered as buffers that
@@ -34,8 +36,8 @@ fptq_ops = torch.ops.fptq
 
 def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:
     """Replace every planned linear's weight by int4 data and quantize its input."""
-    quantized_inputs: dict[str, fx.Node] = {}
-    quantized = 0
+    # Check every precondition before the first edit: a refused plan leaves the graph as it was.
+    pending: list[tuple[fx.Node, LayerPlan, ActivationGroup]] = []
     for layer in plan.layers:
         linear = find_node(graph_module, layer.node)
         if linear is None or linear.target != torch.ops.aten.linear.default:
@@ -49,17 +51,21 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
                 f"{layer.node} ({layer.module_path}) is planned lae_static but its LAE scale was not folded: "
                 "run fold_log_equalization first, or plan without LAE"
             )
+        if not isinstance(linear.args[0], fx.Node):
+            raise PreconditionError(f"{layer.node} ({layer.module_path}): input is not a graph value")
+        pending.append((linear, layer, group))
+
+    quantized_inputs: dict[str, fx.Node] = {}
+    for linear, layer, group in pending:
         _quantize_weight(graph_module, linear, layer)
         activation = linear.args[0]
-        if not isinstance(activation, fx.Node):
-            raise PreconditionError(f"{layer.node} ({layer.module_path}): input is not a graph value")
+        assert isinstance(activation, fx.Node)  # checked above
         if group.activation.kind is not ActivationClass.FLOAT:
             if group.input_node not in quantized_inputs:
                 quantized_inputs[group.input_node] = _quantize_activation(graph_module, activation, group)
             linear.replace_input_with(activation, quantized_inputs[group.input_node])
         update_linear_state(linear, quantized=True)
-        quantized += 1
-    return PassResult(graph_module, modified=quantized > 0, report={"quantized_linears": quantized})
+    return PassResult(graph_module, modified=bool(pending), report={"quantized_linears": len(pending)})
 
 
 def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> None:
@@ -72,7 +78,9 @@ def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: Layer
     scale = add_constant(graph_module, f"fptq_{linear.name}_weight_scale", groups.scale, before=linear)
     zero_point = None
     if groups.zero_point is not None:
-        zero_point = add_constant(graph_module, f"fptq_{linear.name}_weight_zero_point", groups.zero_point, before=linear)
+        zero_point = add_constant(
+            graph_module, f"fptq_{linear.name}_weight_zero_point", groups.zero_point, before=linear
+        )
     with graph_module.graph.inserting_before(linear):
         dequantized = graph_module.graph.call_function(
             fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)

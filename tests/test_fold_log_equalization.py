@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import collect_stats, lae_everywhere_config
+from torch import nn
+
+from fptq_compile.capture import select_linears
+from fptq_compile.config import ActivationConfig, CompileConfig
+from fptq_compile.errors import PreconditionError
+from fptq_compile.metadata import get_linear_state
+from fptq_compile.passes import analyze_sensitivity, fold_log_equalization
+from fptq_compile.plan import ActivationClass, FoldKind
+
+
+def _lae_plan(captured, token_ids, config=None):
+    stats = collect_stats(captured, token_ids)
+    config = config or lae_everywhere_config(stats)
+    linears, skipped = select_linears(captured.linears, config)
+    return analyze_sensitivity(captured.graph_module, linears, skipped, stats, config)
+
+
+def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
+    return float((reference - value).abs().max() / reference.abs().max())
+
+
+def test_folding_is_exact_in_float(llama, captured, token_ids):
+    plan = _lae_plan(captured, token_ids)
+    assert plan.activation_class_counts()["lae_static"] == 10  # q/k/v and gate/up of both layers
+    with torch.no_grad():
+        reference = llama(token_ids).logits
+        result = fold_log_equalization(captured.graph_module, plan)
+        folded = captured.graph_module(token_ids)
+    assert result.modified and result.report["folded_groups"] == 4
+    assert _relative_error(reference, folded) < 1e-5
+
+
+def test_folding_rewrites_norm_and_weights_without_touching_the_users_parameters(llama, captured, token_ids):
+    before = {name: p.detach().clone() for name, p in llama.named_parameters()}
+    plan = _lae_plan(captured, token_ids)
+    fold_log_equalization(captured.graph_module, plan)
+    for name, parameter in llama.named_parameters():
+        assert torch.equal(parameter, before[name]), name  # user model and tied weights untouched
+    graph = captured.graph_module.graph
+    q_proj = next(n for n in graph.nodes if n.name == plan.layers[0].node)
+    assert q_proj.args[1].target == f"fptq_lae_{q_proj.name}_weight"
+    assert get_linear_state(q_proj).lae_folded
+    group = plan.group_of(plan.layers[0])
+    scale = torch.tensor(group.lae_scale)
+    original = before["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(getattr(captured.graph_module, q_proj.args[1].target), original * scale)
+    norm = next(n for n in graph.nodes if n.name == group.fold.node)
+    norm_weight = next(a for a in norm.args if getattr(a, "op", None) == "get_attr")
+    torch.testing.assert_close(
+        getattr(captured.graph_module, norm_weight.target), before["model.layers.0.input_layernorm.weight"] / scale
+    )
+
+
+def test_second_run_and_plans_without_lae_change_nothing(captured, token_ids):
+    plan = _lae_plan(captured, token_ids)
+    assert fold_log_equalization(captured.graph_module, plan).modified
+    code = captured.graph_module.code
+    assert not fold_log_equalization(captured.graph_module, plan).modified
+    assert captured.graph_module.code == code
+
+
+def test_a_plan_without_lae_leaves_the_graph_unchanged(captured, token_ids):
+    stats = collect_stats(captured, token_ids)
+    absmax = max(s.tensor_absmax for s in stats.per_linear.values())
+    config = CompileConfig(activations=ActivationConfig(static_threshold=absmax + 1, dynamic_threshold=absmax + 2))
+    plan = _lae_plan(captured, token_ids, config)
+    assert plan.activation_class_counts()["lae_static"] == 0
+    code = captured.graph_module.code
+    assert not fold_log_equalization(captured.graph_module, plan).modified
+    assert captured.graph_module.code == code
+
+
+def test_a_graph_that_changed_since_analysis_is_refused(captured, token_ids):
+    plan = _lae_plan(captured, token_ids)
+    group = next(g for g in plan.groups if g.activation.kind is ActivationClass.LAE_STATIC)
+    norm = next(n for n in captured.graph_module.graph.nodes if n.name == group.fold.node)
+    with captured.graph_module.graph.inserting_after(norm):
+        extra = captured.graph_module.graph.call_function(torch.ops.aten.relu.default, (norm,))
+    extra.meta["val"] = norm.meta.get("val")
+    with pytest.raises(PreconditionError, match="must feed exactly"):
+        fold_log_equalization(captured.graph_module, plan)
+
+
+class _LayerNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [nn.ModuleDict({"norm": nn.LayerNorm(48), "a": nn.Linear(48, 32), "b": nn.Linear(48, 16)})]
+        )
+        with torch.no_grad():
+            self.layers[0]["norm"].weight.uniform_(0.5, 2.0)
+            self.layers[0]["norm"].bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.layers[0]
+        h = block["norm"](x)
+        return torch.cat([block["a"](h), block["b"](h)], dim=-1)
+
+
+def test_layer_norm_weight_and_bias_are_folded_exactly():
+    from fptq_compile.capture import CapturedModel, find_linear_sites
+
+    torch.manual_seed(0)
+    module = _LayerNormBlock().eval()
+    x = torch.randn(4, 10, 48) * torch.linspace(0.1, 40, 48)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+    graph_module = exported.module()
+    captured = CapturedModel(graph_module, find_linear_sites(graph_module), None, None)
+    stats = collect_stats(captured, x)
+    config = lae_everywhere_config(stats)
+    linears, skipped = select_linears(captured.linears, config)
+    plan = analyze_sensitivity(graph_module, linears, skipped, stats, config)
+    (group,) = plan.groups
+    assert group.fold is not None and group.fold.kind is FoldKind.LAYER_NORM
+    with torch.no_grad():
+        reference = module(x)
+        assert fold_log_equalization(graph_module, plan).modified
+        assert _relative_error(reference, graph_module(x)) < 1e-5

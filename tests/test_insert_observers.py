@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from fptq_compile.calibration import run_calibration
+from fptq_compile.errors import CalibrationError
+from fptq_compile.passes import ActivationObserver, insert_observers, read_activation_stats, remove_observers
+
+
+def _observer_nodes(graph_module):
+    return [n for n in graph_module.graph.nodes if n.op == "call_module" and "observer" in str(n.target)]
+
+
+def test_one_observer_per_distinct_linear_input(captured):
+    code_before = captured.graph_module.code
+    result = insert_observers(captured.graph_module, captured.linears)
+    assert result.modified
+    distinct_inputs = {site.input_node for site in captured.linears}
+    observers = _observer_nodes(captured.graph_module)
+    assert len(observers) == len(distinct_inputs) == result.report["observers"]
+    # Every linear now reads an observer; q/k/v read the same one.
+    readers = collections.Counter(n.users.__len__() for n in observers)
+    assert max(readers) == 3
+    for site in captured.linears:
+        linear = next(n for n in captured.graph_module.graph.nodes if n.name == site.node)
+        assert linear.args[0].op == "call_module"
+    assert remove_observers(captured.graph_module).modified
+    assert captured.graph_module.code == code_before
+    assert not any(isinstance(m, ActivationObserver) for m in captured.graph_module.modules())
+
+
+def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
+    insert_observers(captured.graph_module, captured.linears)
+    run_calibration(captured.graph_module, token_ids, batch_size=3, progress=False)
+    stats = read_activation_stats(captured.graph_module)
+    remove_observers(captured.graph_module)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, inputs, output, name):
+        x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+        seen[name] = torch.maximum(seen[name], x) if name in seen else x
+
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+        for name, module in llama.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        llama(token_ids)
+    for handle in handles:
+        handle.remove()
+    for site in captured.linears:
+        torch.testing.assert_close(stats[site.node].channel_absmax, seen[site.module_path])
+        assert stats[site.node].num_tokens == token_ids.numel()
+
+
+def test_inserting_twice_changes_nothing_the_second_time(captured):
+    insert_observers(captured.graph_module, captured.linears)
+    code = captured.graph_module.code
+    assert not insert_observers(captured.graph_module, captured.linears).modified
+    assert captured.graph_module.code == code
+
+
+def test_removing_from_a_graph_without_observers_is_a_no_op(captured):
+    code = captured.graph_module.code
+    assert not remove_observers(captured.graph_module).modified
+    assert captured.graph_module.code == code
+
+
+def test_reading_before_calibration_is_a_clear_error(captured):
+    insert_observers(captured.graph_module, captured.linears)
+    with pytest.raises(CalibrationError, match="saw no data"):
+        read_activation_stats(captured.graph_module)

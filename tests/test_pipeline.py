@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+import fptq_compile as fptq
+from fptq_compile.passes import PassResult, insert_w4a8_qdq
+from fptq_compile.primitives import sqnr_db
+
+
+def _lae_config(**activations):
+    # Thresholds low enough that this random model has static, LAE and dynamic groups.
+    return fptq.CompileConfig(
+        weights=fptq.WeightConfig(group_size=32),
+        activations=fptq.ActivationConfig(static_threshold=1.0, dynamic_threshold=10.0, **activations),
+    )
+
+
+def test_tiny_llama_end_to_end(llama, token_ids):
+    before = {name: p.detach().clone() for name, p in llama.named_parameters()}
+    compiled = fptq.compile(llama, token_ids, _lae_config(), progress=False)
+    counts = compiled.plan.activation_class_counts()
+    assert counts["lae_static"] > 0 and counts["dynamic"] > 0
+    assert len(compiled.plan.layers) == 14 and [s.module_path for s in compiled.plan.skipped] == ["lm_head"]
+    report = compiled.report
+    assert set(report.seconds_per_step) >= {"capture", "calibration", "analyze_sensitivity", "insert_w4a8_qdq"}
+    assert report.pass_reports["fold_log_equalization"]["modified"]
+    assert report.linear_weight_bytes["compiled"] < report.linear_weight_bytes["float32"] / 6
+    test_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert sqnr_db(llama(test_ids).logits, compiled(test_ids)) > 15.0
+    for name, parameter in llama.named_parameters():
+        assert torch.equal(parameter, before[name]), f"compile changed the user's {name}"
+    # The float weights of quantized linears no longer live in the compiled module.
+    names = {name for name, _ in compiled.graph_module.named_parameters()}
+    assert not any("q_proj" in name for name in names)
+
+
+def test_a_user_pass_runs_in_the_pipeline(llama, token_ids):
+    calls = []
+
+    def count_qdq(graph_module, plan):
+        calls.append(plan)
+        found = sum(1 for n in graph_module.graph.nodes if str(n.target).startswith("fptq."))
+        return PassResult(graph_module, modified=False, report={"fptq_ops": found})
+
+    compiled = fptq.compile(llama, token_ids, _lae_config(), passes=[*fptq.DEFAULT_PASSES, count_qdq], progress=False)
+    assert calls == [compiled.plan]
+    assert compiled.report.pass_reports["count_qdq"]["fptq_ops"] > 14
+
+
+def test_dropping_lae_needs_a_plan_without_it(llama, token_ids):
+    with pytest.raises(fptq.PreconditionError, match=r"\[insert_w4a8_qdq\].*run fold_log_equalization first"):
+        fptq.compile(llama, token_ids, _lae_config(), passes=[insert_w4a8_qdq], progress=False)
+    compiled = fptq.compile(llama, token_ids, _lae_config(use_lae=False), passes=[insert_w4a8_qdq], progress=False)
+    assert compiled.plan.activation_class_counts()["lae_static"] == 0
+    assert any("LAE disabled" in group.reason for group in compiled.plan.groups)
+
+
+def test_a_failing_user_pass_is_named(llama, token_ids):
+    def broken(graph_module, plan):
+        raise KeyError("boom")
+
+    with pytest.raises(fptq.PassError, match=r"\[broken\] failed: KeyError"):
+        fptq.compile(llama, token_ids, passes=[broken], progress=False)
+
+
+def test_data_free_calibration(llama):
+    compiled = fptq.compile(llama, fptq.RandomTokens(), num_samples=2, seq_len=16, progress=False)
+    assert compiled.report.calibration_tokens == 32
+
+
+def test_greedy_generation_runs_on_the_compiled_graph(llama, token_ids):
+    class Tokenizer:
+        eos_token_id = None
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 128 for c in text]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + int(i) % 26) for i in ids)
+
+    compiled = fptq.compile(llama, token_ids, progress=False)
+    text = fptq.generate_greedy(compiled, Tokenizer(), "a", max_new_tokens=5)
+    assert len(text) == 5
+
+
+# --- bad input gives a clear FptqError ------------------------------------------------
+
+
+class _NoLinear(nn.Module):
+    config = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.float().unsqueeze(-1).expand(-1, -1, 8)
+
+
+class _Wrapped(nn.Module):
+    """Looks like an HF causal LM (returns .logits) but has no linear layer."""
+
+    def forward(self, input_ids, use_cache=False):
+        class Output:
+            logits = input_ids.float().unsqueeze(-1) * 2
+
+        return Output()
+
+
+def test_model_with_no_linear_layers():
+    with pytest.raises(fptq.UnsupportedGraphError, match=r"no aten\.linear"):
+        fptq.compile(_Wrapped(), torch.zeros(2, 8, dtype=torch.int64), progress=False)
+
+
+def test_empty_calibration_text(llama):
+    with pytest.raises(fptq.CalibrationError, match="empty"):
+        fptq.compile(llama, fptq.Texts(("", "  ")), tokenizer=object(), seq_len=16, progress=False)
+
+
+def test_sequence_longer_than_the_model_allows(llama):
+    with pytest.raises(fptq.CalibrationError, match="longer than the model allows"):
+        fptq.compile(llama, fptq.RandomTokens(), num_samples=1, seq_len=257, progress=False)
+    with pytest.raises(fptq.CalibrationError, match="exceed the model's 256"):
+        fptq.compile(llama, torch.zeros(1, 300, dtype=torch.int64), progress=False)
+
+
+def test_ignore_pattern_that_matches_nothing(llama, token_ids):
+    config = fptq.CompileConfig(ignore=("model.layers.*.mlp.gate_prj",))
+    with pytest.raises(fptq.ConfigError, match=r"gate_prj.*matches no linear"):
+        fptq.compile(llama, token_ids, config, progress=False)
+
+
+def test_not_a_module():
+    with pytest.raises(fptq.ConfigError, match=r"torch\.nn\.Module"):
+        fptq.compile("gpt2", torch.zeros(1, 4, dtype=torch.int64), progress=False)  # type: ignore[arg-type]
+
+
+def test_untied_model_compiles_too(token_ids):
+    compiled = fptq.compile(tiny_llama(tie=False), token_ids, progress=False)
+    assert len(compiled.plan.layers) == 14

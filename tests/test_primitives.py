@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fptq_compile import primitives
+
+
+def test_symmetric_int4_groups_use_the_full_code_range_and_round_trip():
+    weight = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    groups = primitives.quantize_int4_groups(weight, group_size=128)
+    assert groups.codes.dtype == torch.int8
+    assert int(groups.codes.min()) >= -8 and int(groups.codes.max()) <= 7
+    assert groups.scale.shape == (8, 2) and groups.zero_point is None
+    # The absmax of each group maps to +-7.5, i.e. code 7 or -8.
+    torch.testing.assert_close(groups.scale, weight.reshape(8, 2, 128).abs().amax(-1) / 7.5)
+    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, None, 128)
+    assert primitives.sqnr_db(weight, restored) > 18.0
+
+
+def test_partial_last_group_is_quantized_with_its_own_scale():
+    # 576 = 4 x 128 + 64 (SmolLM2's hidden size): five groups, the last one partial.
+    weight = torch.randn(4, 576, generator=torch.Generator().manual_seed(0))
+    weight[:, 512:] *= 100  # the partial group has its own, much larger range
+    groups = primitives.quantize_int4_groups(weight, group_size=128)
+    assert groups.scale.shape == (4, 5)
+    torch.testing.assert_close(groups.scale[:, 4], weight[:, 512:].abs().amax(-1) / 7.5)
+    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, None, 128)
+    assert restored.shape == weight.shape
+    assert primitives.sqnr_db(weight[:, :512], restored[:, :512]) > 18.0
+
+
+def test_asymmetric_int4_groups_cover_min_and_max_exactly():
+    weight = torch.rand(6, 64, generator=torch.Generator().manual_seed(0)) + 0.5  # all positive
+    groups = primitives.quantize_int4_groups(weight, group_size=32, symmetric=False)
+    assert groups.zero_point is not None and groups.zero_point.shape == (6, 2)
+    assert int(groups.codes.min()) >= -8 and int(groups.codes.max()) <= 7
+    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, 32)
+    symmetric = primitives.quantize_int4_groups(weight, group_size=32, symmetric=True)
+    symmetric_restored = primitives.dequantize_int4_groups(symmetric.codes, symmetric.scale, None, 32)
+    # A one-sided weight wastes half the symmetric grid: asymmetric must do better.
+    assert primitives.sqnr_db(weight, restored) > primitives.sqnr_db(weight, symmetric_restored)
+
+
+def test_rounding_is_half_to_even_like_onnx():
+    codes = primitives.quantize_symmetric(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]), 1.0, -128, 127)
+    assert codes.tolist() == [0, 2, 2, 0, -2]
+
+
+def test_per_token_scale_is_each_rows_absmax_over_127_5():
+    x = torch.tensor([[[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]])
+    codes, scale = primitives.quantize_per_token(x)
+    assert scale.shape == (1, 2, 1)
+    assert scale[0, 0, 0].item() == pytest.approx(2.0 / 127.5)
+    # -2 / (2 / 127.5) is -127.5 up to float32 rounding of the scale: -128 or -127.
+    assert codes[0, 0, 0].item() == 64 and codes[0, 0, 2].item() == 32 and codes[0, 0, 1].item() in (-128, -127)
+    assert codes[0, 1].tolist() == [0, 0, 0]  # an all-zero token does not divide by zero
+
+
+def test_log_equalization_scale_follows_the_paper():
+    absmax = torch.tensor([0.0, 1.0, 14.0, 100.0])
+    scale = primitives.log_equalization_scale(absmax)
+    assert scale[0].item() == 1.0
+    for index in (1, 2, 3):
+        value = absmax[index].item()
+        assert scale[index].item() == pytest.approx(value / math.log2(2 + value), rel=1e-6)
+
+
+def test_equalized_absmax_is_exact():
+    x = torch.randn(100, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 50, 16)
+    channel_absmax = x.abs().amax(0)
+    scale = primitives.log_equalization_scale(channel_absmax)
+    assert primitives.equalized_absmax(channel_absmax, scale) == pytest.approx(float((x / scale).abs().max()), rel=1e-6)
