@@ -12,6 +12,7 @@ Typical use::
 from __future__ import annotations
 
 from fptq_compile import ops as ops  # registers torch.ops.fptq.*
+from fptq_compile import passes as passes
 from fptq_compile.calibration import HFDataset, RandomTokens, TextFile, Texts
 from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
 from fptq_compile.errors import (

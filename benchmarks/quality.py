@@ -1,0 +1,139 @@
+"""Quality of W4A8 policies on SmolLM2-135M, in one run (issue 2's table).
+
+Rows: float, naive W4A8 (int4 g128 RTN, every activation per-tensor static), W4A8 with
+every activation per-token dynamic, FPTQ W4A8 (the default), and W4A16 (weights only).
+Each row runs in its own process, so its peak RSS is its own (model loading included;
+the RSS right after loading is reported beside it). The FPTQ row also times a plain
+float forward pass over the same calibration tokens, in the same process, so compile
+time can be compared with it.
+
+Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512 tokens;
+calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
+seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
+
+    python benchmarks/quality.py [--windows 40] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROWS = {
+    "float": None,
+    "w4a8_all_static": "all_static",
+    "w4a8_all_dynamic": "all_dynamic",
+    "w4a8_fptq": "fptq",
+    "w4a16": "weight_only",
+}
+
+
+def run_row(name: str, windows: int, group_size: int) -> dict:
+    import torch
+
+    import fptq_compile as fptq
+    from fptq_compile.calibration import calibration_token_ids
+    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+    from fptq_compile.pipeline import peak_rss_bytes
+
+    start = time.perf_counter()
+    loaded = fptq.load_model()
+    row: dict = {"row": name, "load_seconds": round(time.perf_counter() - start, 2)}
+    row["rss_after_load_gb"] = round(peak_rss_bytes() / 1e9, 3)
+    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
+    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
+    calibration = fptq.Texts(tuple(lines), separator=" ")
+    policy = ROWS[name]
+    if policy is None:
+        forward = lambda ids: loaded.model(input_ids=ids, use_cache=False).logits  # noqa: E731
+    else:
+        config = fptq.CompileConfig(
+            weights=fptq.WeightConfig(group_size=group_size),
+            activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
+        )
+        if name == "w4a8_fptq":
+            # A plain float forward over the very tokens compile calibrates on, same batching.
+            token_ids = calibration_token_ids(calibration, loaded.tokenizer, 32, 512, loaded.model.config.vocab_size)
+            start = time.perf_counter()
+            with torch.no_grad():
+                for batch in token_ids.split(config.calibration_batch_size):
+                    loaded.model(input_ids=batch, use_cache=False)
+            row["float_forward_seconds"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        compiled = fptq.compile(loaded, calibration, config, progress=False)
+        row["compile_seconds"] = round(time.perf_counter() - start, 2)
+        row["compile_steps"] = compiled.report.seconds_per_step
+        row["plan"] = compiled.plan.summary()["linears_per_activation_class"]
+        row["groups_per_class"] = _groups_per_class(compiled.plan)
+        row["linear_weight_bytes"] = compiled.report.linear_weight_bytes
+        forward = compiled
+    start = time.perf_counter()
+    result = perplexity(forward, eval_ids, max_windows=windows, progress=False)
+    row["eval_seconds"] = round(time.perf_counter() - start, 2)
+    row["perplexity"] = round(result.perplexity, 3)
+    row["windows"] = result.windows
+    row["peak_rss_gb"] = round(peak_rss_bytes() / 1e9, 3)
+    return row
+
+
+def _groups_per_class(plan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for group in plan.groups:
+        counts[group.activation.kind.value] = counts.get(group.activation.kind.value, 0) + 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
+    args = parser.parse_args()
+    if args.row:
+        print(json.dumps(run_row(args.row, args.windows, args.group_size)))
+        return
+    rows = []
+    for name in ROWS:
+        command = [sys.executable, __file__, "--row", name, "--windows", str(args.windows)]
+        command += ["--group-size", str(args.group_size)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        row = json.loads(output.strip().splitlines()[-1])
+        rows.append(row)
+        print(_line(row), flush=True)
+    fptq_row = next(r for r in rows if r["row"] == "w4a8_fptq")
+    budget = 1.5 * fptq_row["float_forward_seconds"] + 20
+    summary = {
+        "group_size": args.group_size,
+        "windows": args.windows,
+        "rows": rows,
+        "fptq_compile_seconds": fptq_row["compile_seconds"],
+        "float_forward_seconds_same_tokens": fptq_row["float_forward_seconds"],
+        "compile_budget_seconds": round(budget, 2),
+        "compile_within_budget": fptq_row["compile_seconds"] <= budget,
+    }
+    print(
+        f"FPTQ compile {fptq_row['compile_seconds']} s vs float forward {fptq_row['float_forward_seconds']} s "
+        f"over the same tokens: budget 1.5 x forward + 20 s = {budget:.1f} s"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"wrote {args.json}")
+
+
+def _line(row: dict) -> str:
+    parts = [f"{row['row']:<18} PPL {row['perplexity']:>8.3f}"]
+    if "plan" in row:
+        parts.append(f"linears {row['plan']}")
+        parts.append(f"compile {row['compile_seconds']:>6.1f} s")
+    parts.append(f"peak RSS {row['peak_rss_gb']:.2f} GB (after load {row['rss_after_load_gb']:.2f})")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
