@@ -71,6 +71,10 @@ def run_row(name: str, windows: int, group_size: int) -> dict:
         row["plan"] = compiled.plan.summary()["linears_per_activation_class"]
         row["groups_per_class"] = _groups_per_class(compiled.plan)
         row["linear_weight_bytes"] = compiled.report.linear_weight_bytes
+        if name == "w4a8_fptq":
+            plan_path = Path(__file__).parent / "results" / "quality_fptq_plan.json"
+            plan_path.parent.mkdir(parents=True, exist_ok=True)
+            plan_path.write_text(compiled.plan.to_json(), encoding="utf-8")
         forward = compiled
     start = time.perf_counter()
     result = perplexity(forward, eval_ids, max_windows=windows, progress=False)

@@ -133,7 +133,7 @@ def find_fold_target(
     if node.op == "call_function" and node.target == _MUL:
         weight_arg = next((arg for arg in node.args if _is_channel_parameter(graph_module, arg, node)), None)
         if weight_arg is None:
-            return None, f"its input {node.name} is a mul without a per-channel parameter"
+            return None, f"its input {node.name} is not a norm (a mul without a per-channel parameter)"
         kind = FoldKind.RMS_NORM
     elif node.op == "call_function" and node.target == _LAYER_NORM:
         weight_arg = node.args[2] if len(node.args) > 2 else None
