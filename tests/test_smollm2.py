@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import SHARED_DATA, smollm2_available
 
 import fptq_compile as fptq
-from conftest import SHARED_DATA, smollm2_available
 from fptq_compile.evaluate import perplexity, wikitext_token_ids
 
 pytestmark = pytest.mark.smollm2
