@@ -53,7 +53,12 @@ def test_lae_folding_alone_keeps_the_logits(smollm2):
     # Thresholds that send every norm-fed group through LAE; no quantization pass.
     config = fptq.CompileConfig(activations=fptq.ActivationConfig(static_threshold=1e-3, dynamic_threshold=1e6))
     folded = fptq.compile(
-        smollm2, fptq.RandomTokens(), config, num_samples=4, seq_len=64, passes=[fptq.passes.fold_log_equalization],
+        smollm2,
+        fptq.RandomTokens(),
+        config,
+        num_samples=4,
+        seq_len=64,
+        passes=[fptq.passes.fold_log_equalization],
         progress=False,
     )
     assert folded.plan.activation_class_counts()["lae_static"] == 150  # q/k/v and gate/up of 30 layers
