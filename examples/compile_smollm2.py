@@ -21,4 +21,4 @@ for group in compiled.plan.groups[:7]:  # the first decoder layer: why each acti
     print(f"{', '.join(group.linears):<28} {group.reason}")
 Path("plan.json").write_text(compiled.plan.to_json(), encoding="utf-8")  # reproducible, diffable
 
-print(fptq.generate_greedy(compiled, loaded.tokenizer, "The capital of France is", max_new_tokens=16))
+print(fptq.generate_text(compiled, loaded.tokenizer, "The capital of France is", max_new_tokens=16))

@@ -25,7 +25,7 @@ from fptq_compile.errors import (
     PreconditionError,
     UnsupportedGraphError,
 )
-from fptq_compile.generation import generate_greedy
+from fptq_compile.generation import generate_ids, generate_text
 from fptq_compile.models import LoadedModel, load_model
 from fptq_compile.passes.base import Pass, PassResult
 from fptq_compile.pipeline import DEFAULT_PASSES, CompiledModel, CompileReport, compile
@@ -59,6 +59,7 @@ __all__ = [
     "UnsupportedGraphError",
     "WeightConfig",
     "compile",
-    "generate_greedy",
+    "generate_ids",
+    "generate_text",
     "load_model",
 ]

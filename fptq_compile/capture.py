@@ -1,7 +1,7 @@
 """Capture a causal LM as a ``torch.export`` graph and find its linear layers.
 
-``capture`` exports ``forward(input_ids) -> logits`` (non-strict, dynamic batch and
-sequence length) and returns the unlifted ``GraphModule``: parameters are attributes
+``capture`` exports ``(input_ids, past) -> (logits, present)`` (non-strict,
+dynamic batch, sequence and cache length) and returns the unlifted ``GraphModule``: parameters are attributes
 read by ``get_attr`` nodes and shared with the original model, so passes must never
 edit them in place (they register new tensors instead).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -24,18 +25,64 @@ from fptq_compile.plan import SkippedLayer
 # module paths so they read as ``model.named_modules()`` names them.
 _WRAPPED = "causal_lm"
 # Export with batch >= 2: a batch of 1 would be specialized (0/1 specialization).
-_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE = 2, 16
+_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 16, 4
 
 
-class _LogitsOnly(nn.Module):
-    """``forward(input_ids) -> logits`` around a Hugging Face causal LM, without KV cache."""
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Shape of the key/value cache the captured graph takes and returns, per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> KVCacheLayout:
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim))
+
+    def empty(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A cache holding no position yet: ``[batch, kv_heads, 0, head_dim]`` per layer."""
+        shape = (batch_size, self.num_kv_heads, 0, self.head_dim)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class _CausalLMWithCache(nn.Module):
+    """``(input_ids, past) -> (logits, present)`` around a Hugging Face causal LM.
+
+    The cache is a plain list of ``(key, value)`` tensors per layer, so the graph's inputs
+    and outputs are tensors a runtime can feed back. Positions continue from the cache
+    length and attention is causal: the rows of a batch are unpadded sequences of one
+    length. (No attention-mask input: torch.export would tie its length to past + sequence
+    under its size >= 2 assumption and refuse 1-token prefills.)
+    """
 
     def __init__(self, causal_lm: nn.Module) -> None:
         super().__init__()
         setattr(self, _WRAPPED, causal_lm)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return getattr(self, _WRAPPED)(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
+        from transformers import DynamicCache
+
+        causal_lm = getattr(self, _WRAPPED)
+        cache = DynamicCache(config=causal_lm.config)
+        for layer, (key, value) in enumerate(past_key_values):
+            cache.update(key, value, layer)
+        # Positions and the causal mask follow from the cache length (no padding).
+        output = causal_lm(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        present = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        return output.logits, present
+
+
+def logits(graph_module: fx.GraphModule, kv_layout: KVCacheLayout, input_ids: torch.Tensor) -> torch.Tensor:
+    """Run a captured graph on whole sequences (empty cache, no padding): the logits."""
+    output: torch.Tensor = graph_module(input_ids, kv_layout.empty(input_ids.shape[0]))[0]
+    return output
 
 
 @dataclass(frozen=True)
@@ -53,31 +100,61 @@ class LinearSite:
 
 @dataclass(frozen=True)
 class CapturedModel:
+    """The graph ``(input_ids, past) -> (logits, present)`` and its linears."""
+
     graph_module: fx.GraphModule
     linears: tuple[LinearSite, ...]
+    kv_layout: KVCacheLayout
     max_sequence_length: int | None
     vocab_size: int | None
 
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return logits(self.graph_module, self.kv_layout, input_ids)
+
 
 def capture(model: nn.Module) -> CapturedModel:
-    """Export a Hugging Face causal LM as a graph of ``input_ids -> logits``."""
+    """Export a Hugging Face causal LM as a graph with a key/value cache.
+
+    Inputs ``input_ids [batch, seq]`` and the past cache; outputs the logits and the
+    present cache (past + seq positions). Batch, sequence and past length are
+    dynamic (the past may be empty), so one graph serves calibration, evaluation,
+    prefill and token-by-token decoding.
+    """
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        raise UnsupportedGraphError(f"{type(model).__name__} has no linear layer (nn.Linear): nothing to quantize")
     config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise UnsupportedGraphError(f"{type(model).__name__} has no Hugging Face config: not a supported causal LM")
     max_sequence_length = getattr(config, "max_position_embeddings", None)
     vocab_size = getattr(config, "vocab_size", None)
-    max_sequence = int(max_sequence_length) if max_sequence_length else 8192
-    example = torch.randint(0, int(vocab_size or 2), (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE))
-    dynamic_shapes = {"input_ids": {0: Dim("batch", min=1, max=1024), 1: Dim("sequence", min=1, max=max_sequence)}}
+    kv_layout = KVCacheLayout.from_config(config)
+    # No upper bounds: past + sequence is what the model limits, and Dims cannot say so.
+    batch = Dim("batch", min=1)
+    past = Dim("past_sequence", min=0)
+    cache_shapes = [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(kv_layout.num_layers)]
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: Dim("sequence", min=1)},
+        "past_key_values": cache_shapes,
+    }
+    example_ids = torch.randint(0, int(vocab_size or 2), (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE))
+    # Distinct tensors for every key and value: aliased example inputs would be traced as one.
+    example_shape = (_EXAMPLE_BATCH, kv_layout.num_kv_heads, _EXAMPLE_PAST, kv_layout.head_dim)
+    example_past = [(torch.zeros(example_shape), torch.zeros(example_shape)) for _ in range(kv_layout.num_layers)]
     model.eval()
     try:
         with torch.no_grad():
-            exported = torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes, strict=False)
+            exported = torch.export.export(
+                _CausalLMWithCache(model),
+                (example_ids, example_past),
+                dynamic_shapes=dynamic_shapes,
+                strict=False,
+            )
     except Exception as error:  # torch.export raises many unrelated types; name the cause
         raise UnsupportedGraphError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}"
         ) from error
     graph_module = exported.module()
-    linears = find_linear_sites(graph_module)
-    return CapturedModel(graph_module, linears, max_sequence_length, vocab_size)
+    return CapturedModel(graph_module, find_linear_sites(graph_module), kv_layout, max_sequence_length, vocab_size)
 
 
 def module_path_of(node: fx.Node) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from fptq_compile.errors import ConfigError
 
@@ -86,3 +88,11 @@ class CompileConfig:
             raise ConfigError("include must hold at least one pattern")
         if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size <= 0:
             raise ConfigError(f"calibration_batch_size must be a positive integer, got {self.calibration_batch_size!r}")
+
+
+def config_to_dict(config: CompileConfig) -> dict[str, Any]:
+    """The config as plain JSON-ready data (enums by value)."""
+    data = dataclasses.asdict(config)
+    data["activations"]["policy"] = config.activations.policy.value
+    data["include"], data["ignore"] = list(config.include), list(config.ignore)
+    return data

@@ -1,30 +1,68 @@
-"""Greedy text generation over any ``ids -> logits`` callable (the compiled torch graph).
+"""Text generation with a key/value cache, over any model that takes one step at a time.
 
-The captured graph has no KV cache, so each step recomputes the prefix: fine for a line
-of text and for checking the reference; the ONNX runtime path is the fast one.
+The compiled torch graph (:class:`fptq_compile.CompiledModel`) and the ONNX Runtime
+session wrapper share this loop: the prompt is prefilled once, then each new token is
+one cached step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from fptq_compile.capture import KVCache, KVCacheLayout
 
-def generate_greedy(
-    forward: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any, prompt: str, max_new_tokens: int = 32
+
+class CachedCausalLM(Protocol):
+    @property
+    def kv_layout(self) -> KVCacheLayout: ...
+
+    def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]: ...
+
+
+def generate_ids(
+    model: CachedCausalLM,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """New token ids ``[max_new_tokens or fewer]`` after ``prompt_ids [seq]``.
+
+    ``temperature == 0`` is greedy; otherwise tokens are sampled from ``softmax(logits / t)``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    past = model.kv_layout.empty(1)
+    step_ids = prompt_ids.reshape(1, -1)
+    new_tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        logits, past = model.step(step_ids, past)
+        last = logits[0, -1].float()
+        if temperature == 0:
+            token = int(last.argmax())
+        else:
+            token = int(torch.multinomial(torch.softmax(last / temperature, dim=-1), 1, generator=generator))
+        new_tokens.append(token)
+        if token == eos_token_id:
+            break
+        step_ids = torch.tensor([[token]], dtype=torch.int64)
+    return torch.tensor(new_tokens, dtype=torch.int64)
+
+
+def generate_text(
+    model: CachedCausalLM,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> str:
-    """The prompt's continuation, greedily decoded, stopping at the end-of-sequence token."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.int64)
-    prompt_length = ids.shape[1]
+    """The prompt's continuation as text (greedy by default), stopping at end of sequence."""
+    prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            # The graph was captured with sequence length >= 2.
-            step_ids = ids if ids.shape[1] >= 2 else torch.cat([ids, ids], dim=1)
-            next_id = forward(step_ids)[:, -1].argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, next_id], dim=1)
-            if eos is not None and int(next_id) == eos:
-                break
-    return str(tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True))
+    ids = generate_ids(model, prompt_ids, max_new_tokens, eos, temperature, generator)
+    return str(tokenizer.decode(ids, skip_special_tokens=True))

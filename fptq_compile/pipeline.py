@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from fptq_compile.calibration import CalibrationSource, calibration_token_ids, run_calibration
-from fptq_compile.capture import capture, select_linears
+from fptq_compile.capture import KVCache, KVCacheLayout, capture, logits, select_linears
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError
 from fptq_compile.graph_utils import drop_unused_attributes
@@ -54,17 +54,28 @@ class CompileReport:
 
 @dataclass(frozen=True)
 class CompiledModel:
-    """The quantized graph (the numerical reference), its plan and the compile report."""
+    """The quantized graph (the numerical reference), its plan and the compile report.
+
+    The graph maps ``(input_ids, past) -> (logits, present)``, the cache a list of
+    ``(key, value)`` per layer shaped ``[batch, kv_heads, length, head_dim]``.
+    """
 
     graph_module: fx.GraphModule
     plan: QuantPlan
     report: CompileReport
+    kv_layout: KVCacheLayout
+    config: CompileConfig
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` for ``input_ids [batch, seq]``."""
+        """Logits ``[batch, seq, vocab]`` for whole sequences ``input_ids [batch, seq]``."""
         with torch.no_grad():
-            logits: torch.Tensor = self.graph_module(input_ids)
-            return logits
+            return logits(self.graph_module, self.kv_layout, input_ids)
+
+    def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One cached step: logits of the new tokens and the cache extended by them."""
+        with torch.no_grad():
+            output: tuple[torch.Tensor, KVCache] = self.graph_module(input_ids, past_key_values)
+            return output
 
 
 def compile(
@@ -94,7 +105,7 @@ def compile(
         raise ConfigError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
     timings: dict[str, float] = {}
     with _timed(timings, "capture"):
-        # Graph of forward(input_ids) -> logits, dynamic batch and sequence length.
+        # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
         captured = capture(model)
     graph_module = captured.graph_module
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
@@ -105,7 +116,7 @@ def compile(
     with _timed(timings, "calibration"):
         # Temporary observers measure per-channel max|X| of each linear input, then leave.
         insert_observers(graph_module, linears)
-        run_calibration(graph_module, token_ids, config.calibration_batch_size, progress)
+        run_calibration(captured.logits, token_ids, config.calibration_batch_size, progress)
         stats = read_activation_stats(graph_module)
         remove_observers(graph_module)
     with _timed(timings, "analyze_sensitivity"):
@@ -129,7 +140,7 @@ def compile(
         peak_rss_bytes=peak_rss_bytes(),
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
     )
-    return CompiledModel(graph_module, plan, report)
+    return CompiledModel(graph_module, plan, report, captured.kv_layout, config)
 
 
 @contextmanager

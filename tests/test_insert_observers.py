@@ -34,7 +34,7 @@ def test_one_observer_per_distinct_linear_input(captured):
 
 def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
     insert_observers(captured.graph_module, captured.linears)
-    run_calibration(captured.graph_module, token_ids, batch_size=3, progress=False)
+    run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
     stats = read_activation_stats(captured.graph_module)
     remove_observers(captured.graph_module)
 

@@ -72,29 +72,33 @@ def test_data_free_calibration(llama):
     assert compiled.report.calibration_tokens == 32
 
 
-def test_greedy_generation_runs_on_the_compiled_graph(llama, token_ids):
-    class Tokenizer:
-        eos_token_id = None
+def test_cached_steps_match_whole_sequence_logits(llama, token_ids):
+    compiled = fptq.compile(llama, token_ids, _lae_config(), progress=False)
+    sequence = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    whole = compiled(sequence)
+    logits, past = compiled.step(sequence[:, :7], compiled.kv_layout.empty(1))
+    torch.testing.assert_close(logits, whole[:, :7], rtol=1e-4, atol=1e-4)
+    for position in range(7, 12):
+        logits, past = compiled.step(sequence[:, position : position + 1], past)
+        torch.testing.assert_close(logits[:, 0], whole[:, position], rtol=1e-4, atol=1e-4)
+    assert past[0][0].shape == (1, 2, 12, 16)
 
-        def __call__(self, text):
-            return {"input_ids": [ord(c) % 128 for c in text]}
 
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(65 + int(i) % 26) for i in ids)
-
+def test_greedy_generation_equals_argmax_of_whole_sequence(llama, token_ids):
     compiled = fptq.compile(llama, token_ids, progress=False)
-    text = fptq.generate_greedy(compiled, Tokenizer(), "a", max_new_tokens=5)
-    assert len(text) == 5
+    prompt = torch.tensor([5, 17, 42])
+    generated = fptq.generate_ids(compiled, prompt, max_new_tokens=6)
+    assert generated.shape == (6,)
+    sequence = torch.cat([prompt, generated]).unsqueeze(0)
+    expected = compiled(sequence)[0, len(prompt) - 1 : -1].argmax(-1)
+    assert torch.equal(generated, expected)
+    sampled = fptq.generate_ids(
+        compiled, prompt, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert sampled.shape == (6,) and int(sampled.max()) < 128
 
 
 # --- bad input gives a clear FptqError ------------------------------------------------
-
-
-class _NoLinear(nn.Module):
-    config = None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids.float().unsqueeze(-1).expand(-1, -1, 8)
 
 
 class _Wrapped(nn.Module):
@@ -108,8 +112,13 @@ class _Wrapped(nn.Module):
 
 
 def test_model_with_no_linear_layers():
-    with pytest.raises(fptq.UnsupportedGraphError, match=r"no aten\.linear"):
+    with pytest.raises(fptq.UnsupportedGraphError, match="has no linear layer"):
         fptq.compile(_Wrapped(), torch.zeros(2, 8, dtype=torch.int64), progress=False)
+
+
+def test_model_that_is_not_a_causal_lm():
+    with pytest.raises(fptq.UnsupportedGraphError, match="not a supported causal LM"):
+        fptq.compile(nn.Sequential(nn.Linear(4, 4)), torch.zeros(2, 8, dtype=torch.int64), progress=False)
 
 
 def test_empty_calibration_text(llama):
@@ -138,3 +147,24 @@ def test_not_a_module():
 def test_untied_model_compiles_too(token_ids):
     compiled = fptq.compile(tiny_llama(tie=False), token_ids, progress=False)
     assert len(compiled.plan.layers) == 14
+
+
+def test_capture_with_cache_matches_the_eager_model(llama):
+    from fptq_compile.capture import capture
+
+    captured = capture(llama)
+    sequence = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = llama(sequence).logits
+        torch.testing.assert_close(captured.logits(sequence), reference)
+        torch.testing.assert_close(captured.logits(sequence[:1, :1]), reference[:1, :1])  # one token, empty cache
+        logits, past = captured.graph_module(sequence[:, :6], captured.kv_layout.empty(2))
+        logits, past = captured.graph_module(sequence[:, 6:], past)
+    torch.testing.assert_close(logits, reference[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_without_linear_sites():
+    from fptq_compile.capture import select_linears
+
+    with pytest.raises(fptq.UnsupportedGraphError, match=r"no aten\.linear"):
+        select_linears((), fptq.CompileConfig())

@@ -1,0 +1,138 @@
+"""Lower a compiled W4A8 graph to ONNX QDQ (opset 21) with a key/value cache.
+
+The graph is exported with ``torch.onnx.export(dynamo=True)``, the ``torch.ops.fptq``
+ops mapped 1:1 by :mod:`fptq_compile.exporters.onnx_translations`, then rewritten with
+``onnx_ir`` (:mod:`fptq_compile.exporters.onnx_rewrites`):
+
+- weights: INT4 initializers with per-group scales, ``DequantizeLinear(block_size=g)``;
+- static activations: int8 ``QuantizeLinear``/``DequantizeLinear`` with the calibrated scale;
+- per-token dynamic activations: ``Abs/ReduceMax/Max/Div`` + ``QuantizeLinear``/``DequantizeLinear``;
+- everything else float, LAE already folded into the norm weights.
+
+Two layouts with the same numbers (:class:`OnnxLayout`): ``QDQ`` keeps the weights
+``[N, K]`` as torch does (DQ -> Transpose -> MatMul); ``ORT`` stores them ``[K, N]``
+(DQ -> MatMul), which ONNX Runtime CPU fuses into ``MatMulNBits``.
+
+Inputs ``input_ids``, ``past_key_values.{i}.key|value``; outputs ``logits``,
+``present.{i}.key|value`` (``[batch, kv_heads, length, head_dim]``), the names
+onnxruntime-genai and optimum use.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch.export import Dim
+
+from fptq_compile.capture import KVCacheLayout
+from fptq_compile.errors import ExportError
+from fptq_compile.exporters.onnx_rewrites import int4_weights_k_major, pack_int4_weights, static_qdq_as_unit_scale
+from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
+from fptq_compile.pipeline import CompiledModel
+
+OPSET = 21
+# Models over this size keep their tensors in an external data file (protobuf's 2 GB limit).
+EXTERNAL_DATA_THRESHOLD = 1 << 31
+
+
+class OnnxLayout(enum.Enum):
+    QDQ = "qdq"
+    """Portable QDQ: int4 weights ``[N, K]``, DequantizeLinear(axis=1) -> Transpose -> MatMul."""
+    ORT = "ort"
+    """ONNX Runtime CPU: int4 weights ``[K, N]``, DequantizeLinear(axis=0) -> MatMul (MatMulNBits),
+    static activation Q/DQ with unit scales between a Div and a Mul (so the fusion happens)."""
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: Path
+    layout: OnnxLayout
+    int4_initializers: int
+    k_major_weights: int
+    file_bytes: int
+
+
+def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
+    """Input and output names of the exported decoder."""
+    cache = [f"{{}}.{layer}.{part}" for layer in range(kv_layout.num_layers) for part in ("key", "value")]
+    return ["input_ids", *(name.format("past_key_values") for name in cache)], [
+        "logits",
+        *(name.format("present") for name in cache),
+    ]
+
+
+def export_onnx(
+    compiled: CompiledModel, path: str | os.PathLike[str], layout: OnnxLayout = OnnxLayout.ORT
+) -> OnnxExport:
+    """Write ``compiled`` as an ONNX model at ``path`` (atomically) and check it."""
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    kv_layout = compiled.kv_layout
+    batch, past = Dim("batch", min=1), Dim("past_sequence", min=0)
+    dynamic_shapes = (
+        {0: batch, 1: Dim("sequence", min=1)},
+        [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(kv_layout.num_layers)],
+    )
+    shape = (2, kv_layout.num_kv_heads, 3, kv_layout.head_dim)
+    example = (
+        torch.zeros(2, 5, dtype=torch.int64),
+        [(torch.zeros(shape), torch.zeros(shape)) for _ in range(kv_layout.num_layers)],
+    )
+    input_names, output_names = io_names(kv_layout)
+    try:
+        program = torch.onnx.export(
+            compiled.graph_module,
+            example,
+            dynamo=True,
+            opset_version=OPSET,
+            custom_translation_table=TRANSLATION_TABLE,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as error:  # the exporter raises many types; keep the cause
+        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    model: ir.Model = program.model
+    k_major = 0
+    if layout is OnnxLayout.ORT:
+        k_major = int4_weights_k_major(model)
+        static_qdq_as_unit_scale(model)
+    packed = pack_int4_weights(model)
+    _save_checked(model, destination)
+    return OnnxExport(destination, layout, packed, k_major, _file_bytes(destination))
+
+
+def _save_checked(model: ir.Model, destination: Path) -> None:
+    """Save next to ``destination``, run the full checker, then move into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        staged = staging / destination.name
+        size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+        external = f"{destination.name}.data" if size >= EXTERNAL_DATA_THRESHOLD else None
+        ir.save(model, staged, external_data=external)
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"the exported model fails onnx.checker: {error}") from error
+        for produced in staging.iterdir():
+            os.replace(produced, destination.parent / produced.name)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.parent / f"{path.name}.data"
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import collections
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import tiny_llama
+
+import fptq_compile as fptq
+from fptq_compile.exporters import OnnxLayout, export_folder, export_onnx
+from fptq_compile.runtime import OrtCausalLM, session_options
+
+POLICIES = {
+    "fptq": fptq.ActivationConfig(static_threshold=1.0, dynamic_threshold=10.0),  # static, LAE and dynamic groups
+    "all_static": fptq.ActivationConfig(policy=fptq.ActivationPolicy.ALL_STATIC),
+    "all_dynamic": fptq.ActivationConfig(policy=fptq.ActivationPolicy.ALL_DYNAMIC),
+    "weight_only": fptq.ActivationConfig(policy=fptq.ActivationPolicy.WEIGHT_ONLY),
+}
+
+
+def _compile(policy: str = "fptq", intermediate: int = 96, group_size: int = 32, symmetric: bool = True):
+    config = fptq.CompileConfig(
+        weights=fptq.WeightConfig(group_size=group_size, symmetric=symmetric), activations=POLICIES[policy]
+    )
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    return fptq.compile(tiny_llama(intermediate=intermediate), ids, config, progress=False)
+
+
+def _op_counts(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+@pytest.fixture(scope="module")
+def fptq_model():
+    return _compile("fptq")
+
+
+@pytest.mark.parametrize("layout", list(OnnxLayout))
+def test_structure_int4_weights_and_activation_qdq(fptq_model, tmp_path, layout):
+    result = export_onnx(fptq_model, tmp_path / "model.onnx", layout)
+    model = onnx.load(result.path)
+    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == result.int4_initializers == 14
+    blocked = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i == 32 for a in n.attribute)
+    ]
+    assert len(blocked) == 14
+    axes = {next(a.i for a in n.attribute if a.name == "axis") for n in blocked}
+    assert axes == ({0} if layout is OnnxLayout.ORT else {1})
+    groups = fptq_model.plan.groups
+    counts = _op_counts(model)
+    # One activation Q/DQ chain per group (q/k/v and gate/up share theirs).
+    assert counts["QuantizeLinear"] == len(groups) == 8
+    assert counts["ReduceMax"] == sum(g.activation.kind is fptq.ActivationClass.DYNAMIC for g in groups)
+    assert [i.name for i in model.graph.input][:2] == ["input_ids", "past_key_values.0.key"]
+    assert [o.name for o in model.graph.output][:2] == ["logits", "present.0.key"]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_int4_codes_and_scales_round_trip(fptq_model, tmp_path):
+    export_onnx(fptq_model, tmp_path / "model.onnx", OnnxLayout.QDQ)
+    model = onnx.load(tmp_path / "model.onnx")
+    tensors = {t.name: t for t in model.graph.initializer}
+    layer = fptq_model.plan.layers[0]
+    codes = onnx.numpy_helper.to_array(tensors[f"fptq_{layer.node}_weight_int4"])
+    assert codes.dtype == ml_dtypes.int4
+    expected = getattr(fptq_model.graph_module, f"fptq_{layer.node}_weight_int4").numpy()
+    np.testing.assert_array_equal(codes.astype(np.int8), expected)
+    # Two codes per byte on disk.
+    assert len(tensors[f"fptq_{layer.node}_weight_int4"].raw_data) == expected.size // 2
+
+
+@pytest.mark.parametrize("layout", list(OnnxLayout))
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_ort_matches_the_torch_reference(tmp_path, policy, layout):
+    compiled = _compile(policy)
+    export_onnx(compiled, tmp_path / "model.onnx", layout)
+    session = OrtCausalLM.load(tmp_path / "model.onnx", exact=True)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    reference = compiled(ids)
+    relative = float((session(ids) - reference).abs().max() / reference.abs().max())
+    # Measured ~1e-6; an int8 rounding flip on a random model can move a logit by ~1e-3.
+    assert relative < 1e-3
+
+
+def test_ort_layout_fuses_every_int4_matmul(fptq_model, tmp_path):
+    export_onnx(fptq_model, tmp_path / "model.onnx", OnnxLayout.ORT)
+    options = session_options(exact=True)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    assert _op_counts(onnx.load(tmp_path / "optimized.onnx"))["MatMulNBits"] == 14
+
+
+def test_partial_last_group_and_asymmetric_weights(tmp_path):
+    compiled = _compile("all_dynamic", intermediate=80, group_size=64, symmetric=False)
+    export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.ORT)
+    model = onnx.load(tmp_path / "model.onnx")
+    zero_points = [t for t in model.graph.initializer if t.name.endswith("_weight_zero_point")]
+    assert len(zero_points) == 14 and all(t.data_type == onnx.TensorProto.INT4 for t in zero_points)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    reference = compiled(ids)
+    ort_logits = OrtCausalLM.load(tmp_path / "model.onnx")(ids)
+    assert float((ort_logits - reference).abs().max() / reference.abs().max()) < 1e-3
+
+
+def test_cached_generation_matches_torch(fptq_model, tmp_path):
+    export_onnx(fptq_model, tmp_path / "model.onnx")
+    session = OrtCausalLM.load(tmp_path / "model.onnx")
+    assert session.kv_layout == fptq_model.kv_layout
+    prompt = torch.tensor([3, 14, 15, 92])
+    assert torch.equal(fptq.generate_ids(session, prompt, 8), fptq.generate_ids(fptq_model, prompt, 8))
+
+
+def test_export_folder_is_self_contained_and_atomic(fptq_model, tmp_path):
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
+
+    destination = tmp_path / "out"
+    export_folder(fptq_model, Tokenizer(), destination)
+    assert sorted(p.name for p in destination.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "plan.json",
+        "report.json",
+        "tokenizer.json",
+    ]
+    assert fptq.QuantPlan.from_json((destination / "plan.json").read_text()) == fptq_model.plan
+    with pytest.raises(fptq.ConfigError, match="exists"):
+        export_folder(fptq_model, Tokenizer(), destination)
+
+    class Broken:
+        def save_pretrained(self, folder):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_folder(fptq_model, Broken(), tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
