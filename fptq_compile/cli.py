@@ -81,7 +81,14 @@ def _compile(args: argparse.Namespace) -> int:
     )
     summary = compiled.plan.summary()["linears_per_activation_class"]
     print(f"compiled {loaded.source}: linears per activation class {json.dumps(summary)}", file=sys.stderr)
-    exported = export_folder(compiled, loaded.tokenizer, args.out, OnnxLayout(args.layout), overwrite=args.overwrite)
+    exported = export_folder(
+        compiled,
+        loaded.tokenizer,
+        args.out,
+        OnnxLayout(args.layout),
+        overwrite=args.overwrite,
+        model_config=getattr(loaded.model, "config", None),
+    )
     print(f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {args.layout})", file=sys.stderr)
     if args.prompt:
         print(args.prompt + _generate_from_folder(args.out, args.prompt, args.max_new_tokens, 0.0))

@@ -143,3 +143,33 @@ def test_export_folder_is_self_contained_and_atomic(fptq_model, tmp_path):
         export_folder(fptq_model, Broken(), tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_folder_loads_and_generates_in_onnxruntime_genai(fptq_model, tmp_path):
+    import os
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("onnxruntime-genai is not installed")
+    folder = tmp_path / "genai"
+    export_folder(fptq_model, None, folder, model_config=tiny_llama().config)
+    prompt = np.array([[5, 17, 42, 9, 77, 3]], dtype=np.int32)
+    generator_params = og.GeneratorParams(og.Model(str(folder)))
+    generator_params.set_search_options(max_length=prompt.shape[1] + 8, do_sample=False)
+    generator = og.Generator(og.Model(str(folder)), generator_params)
+    generator.append_tokens(prompt)
+    genai_logits = torch.from_numpy(np.asarray(generator.get_output("logits")))
+    # genai runs ORT's default accuracy level: compare with the same session settings.
+    session = OrtCausalLM.load(folder, exact=False)
+    reference = session(torch.from_numpy(prompt.astype(np.int64)))
+    torch.testing.assert_close(
+        genai_logits.reshape(reference.shape[0], -1, reference.shape[-1])[:, -1], reference[:, -1]
+    )
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == fptq.generate_ids(session, torch.from_numpy(prompt[0].astype(np.int64)), 8).tolist()

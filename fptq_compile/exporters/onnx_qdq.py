@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,18 +88,21 @@ def export_onnx(
     )
     input_names, output_names = io_names(kv_layout)
     try:
-        program = torch.onnx.export(
-            compiled.graph_module,
-            example,
-            dynamo=True,
-            opset_version=OPSET,
-            custom_translation_table=TRANSLATION_TABLE,
-            dynamic_shapes=dynamic_shapes,
-            input_names=input_names,
-            output_names=output_names,
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                compiled.graph_module,
+                example,
+                dynamo=True,
+                opset_version=OPSET,
+                custom_translation_table=TRANSLATION_TABLE,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
+                output_names=output_names,
+                optimize=True,
+                verbose=False,
+            )
     except Exception as error:  # the exporter raises many types; keep the cause
         raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
     if program is None:
