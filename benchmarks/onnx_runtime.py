@@ -92,7 +92,7 @@ def main() -> None:
         )
         results[name] = {
             "file_mb": round(size / 1e6, 1),
-            "accuracy_level": 1 if exact else 4,
+            "accuracy_level": None if name == "float" else (1 if exact else 4),
             "prefill_ms_median": round(1e3 * statistics.median(prefill_times[name]), 2),
             "decode_ms_median": round(1e3 * statistics.median(decode_times[name]), 2),
         }
@@ -104,7 +104,8 @@ def main() -> None:
         print(
             f"{name:<16} {row['file_mb']:>7.1f} MB ({row['size_ratio']:.3f}x) | prefill 1x512 "
             f"{row['prefill_ms_median']:>8.1f} ms ({row['prefill_ratio']:.3f}x) | decode @512 "
-            f"{row['decode_ms_median']:>7.2f} ms ({row['decode_ratio']:.3f}x) | accuracy level {row['accuracy_level']}"
+            f"{row['decode_ms_median']:>7.2f} ms ({row['decode_ratio']:.3f}x) | "
+            f"accuracy level {row['accuracy_level'] or '-'}"
         )
     linear = compiled.report.linear_weight_bytes
     summary = {

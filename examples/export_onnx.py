@@ -1,0 +1,24 @@
+"""Compile → export ONNX → generate, in a few lines.
+
+python examples/export_onnx.py [OUT_DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fptq_compile as fptq
+from fptq_compile.exporters import OnnxLayout, export_folder
+from fptq_compile.runtime import OrtCausalLM
+
+out = sys.argv[1] if len(sys.argv) > 1 else "smollm2-w4a8-onnx"
+loaded = fptq.load_model()
+compiled = fptq.compile(loaded, fptq.RandomTokens(), num_samples=16, seq_len=256)  # data-free calibration
+exported = export_folder(
+    compiled, loaded.tokenizer, out, OnnxLayout.ORT, overwrite=True, model_config=loaded.model.config
+)
+print(f"{exported.path}: {exported.file_bytes / 1e6:.1f} MB, {exported.int4_initializers} int4 weights")
+
+session = OrtCausalLM.load(out)  # plain onnxruntime; the folder also loads in onnxruntime-genai
+print(fptq.generate_text(session, loaded.tokenizer, "The capital of France is", max_new_tokens=24))
+print(fptq.generate_text(session, loaded.tokenizer, "Once upon a time", max_new_tokens=24, temperature=0.8))
