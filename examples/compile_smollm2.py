@@ -17,8 +17,11 @@ calibration = fptq.TextFile(Path(sys.argv[1])) if len(sys.argv) > 1 else fptq.Ra
 compiled = fptq.compile(loaded, calibration, num_samples=16, seq_len=256)
 
 print(compiled.plan.summary())
+module_paths = {layer.node: layer.module_path for layer in compiled.plan.layers}
 for group in compiled.plan.groups[:7]:  # the first decoder layer: why each activation got its class
-    print(f"{', '.join(group.linears):<28} {group.reason}")
+    modules = [module_paths[node].rsplit(".", 1)[-1] for node in group.linears]
+    print(f"{'/'.join(modules):<28} {group.reason}")
 Path("plan.json").write_text(compiled.plan.to_json(), encoding="utf-8")  # reproducible, diffable
 
-print(fptq.generate_text(compiled, loaded.tokenizer, "The capital of France is", max_new_tokens=16))
+prompt = "The capital of France is"
+print(prompt + fptq.generate_text(compiled, loaded.tokenizer, prompt, max_new_tokens=16))

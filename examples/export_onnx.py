@@ -20,5 +20,5 @@ exported = export_folder(
 print(f"{exported.path}: {exported.file_bytes / 1e6:.1f} MB, {exported.int4_initializers} int4 weights")
 
 session = OrtCausalLM.load(out)  # plain onnxruntime; the folder also loads in onnxruntime-genai
-print(fptq.generate_text(session, loaded.tokenizer, "The capital of France is", max_new_tokens=24))
-print(fptq.generate_text(session, loaded.tokenizer, "Once upon a time", max_new_tokens=24, temperature=0.8))
+for prompt, temperature in (("The capital of France is", 0.0), ("Once upon a time", 0.8)):
+    print(prompt + fptq.generate_text(session, loaded.tokenizer, prompt, max_new_tokens=24, temperature=temperature))
