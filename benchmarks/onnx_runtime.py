@@ -4,7 +4,10 @@ For the float export (the captured graph, no transform pass) and the W4A8 export
 layouts (``ort``: int4 [K, N] fused into MatMulNBits; ``qdq``: portable [N, K]), prints:
 file size, prefill latency (1 x 512 tokens, empty cache) and decode latency per token
 (1 token against a 512-token cache), each the median of several runs taken round-robin
-across the models, and ratios W4A8 / float. W4A8 sessions use accuracy level 1 (exact,
+across the models, and ratios W4A8 / float. One more W4A8 model also quantizes the tied
+``lm_head`` (not the default: ``include=("*.[0-9]*", "lm_head")``; the embedding stays
+float32), with its quick-mode perplexity beside the default's, since every decode step
+of the default still reads the 113 MB float32 ``lm_head``. W4A8 sessions use accuracy level 1 (exact,
 the torch reference's numbers) and, separately, ORT's default level 4 (int8 activations
 inside MatMulNBits). Writes JSON (default benchmarks/results/onnx_runtime.json).
 
@@ -25,6 +28,7 @@ import onnxruntime as ort
 import torch
 
 import fptq_compile as fptq
+from fptq_compile.evaluate import perplexity, wikitext_token_ids
 from fptq_compile.exporters import OnnxLayout, export_onnx
 from fptq_compile.runtime import session_options
 
@@ -34,6 +38,14 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def _feeds(session: ort.InferenceSession, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
     names = [i.name for i in session.get_inputs()]
     return {"input_ids": input_ids, **dict(zip(names[1:], past, strict=True))}
+
+
+def _session(path: Path, threads: int, exact: bool) -> ort.InferenceSession:
+    options = session_options(threads, exact)
+    # Round-robin over several sessions: a session's idle threads must not spin on the
+    # cores the next session is timed on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -47,24 +59,32 @@ def main() -> None:
     loaded = fptq.load_model()
     lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
     compiled = fptq.compile(loaded, fptq.Texts(tuple(lines), separator=" "), progress=False)
+    calibration = fptq.Texts(tuple(lines), separator=" ")
+    with_lm_head = fptq.compile(
+        loaded, calibration, fptq.CompileConfig(include=("*.[0-9]*", "lm_head")), progress=False
+    )
     float_graph = fptq.compile(loaded, fptq.RandomTokens(), passes=(), num_samples=1, seq_len=8, progress=False)
+    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
+    perplexities = {
+        "w4a8_ort": perplexity(compiled, eval_ids, max_windows=40, progress=False).perplexity,
+        "w4a8_ort_lm_head_int4": perplexity(with_lm_head, eval_ids, max_windows=40, progress=False).perplexity,
+    }
 
     folder = Path(tempfile.mkdtemp(prefix="fptq-bench-"))
     paths = {
         "float": export_onnx(float_graph, folder / "float.onnx", OnnxLayout.QDQ).path,
         "w4a8_ort": export_onnx(compiled, folder / "w4a8_ort.onnx", OnnxLayout.ORT).path,
         "w4a8_qdq": export_onnx(compiled, folder / "w4a8_qdq.onnx", OnnxLayout.QDQ).path,
+        "w4a8_ort_lm_head_int4": export_onnx(with_lm_head, folder / "w4a8_lm_head.onnx", OnnxLayout.ORT).path,
     }
     sessions = {
         "float": (paths["float"], True),
         "w4a8_ort": (paths["w4a8_ort"], True),
         "w4a8_ort_level4": (paths["w4a8_ort"], False),
         "w4a8_qdq": (paths["w4a8_qdq"], True),
+        "w4a8_ort_lm_head_int4": (paths["w4a8_ort_lm_head_int4"], True),
     }
-    loaded_sessions = {
-        name: ort.InferenceSession(str(path), session_options(args.threads, exact), providers=["CPUExecutionProvider"])
-        for name, (path, exact) in sessions.items()
-    }
+    loaded_sessions = {name: _session(path, args.threads, exact) for name, (path, exact) in sessions.items()}
     layout = compiled.kv_layout
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, loaded.model.config.vocab_size, (1, 512)).astype(np.int64)
@@ -96,6 +116,8 @@ def main() -> None:
             "prefill_ms_median": round(1e3 * statistics.median(prefill_times[name]), 2),
             "decode_ms_median": round(1e3 * statistics.median(decode_times[name]), 2),
         }
+        if name in perplexities:
+            results[name]["torch_perplexity_quick"] = round(perplexities[name], 3)
     base = results["float"]
     for name, row in results.items():
         row["size_ratio"] = round(row["file_mb"] / base["file_mb"], 3)
@@ -106,6 +128,7 @@ def main() -> None:
             f"{row['prefill_ms_median']:>8.1f} ms ({row['prefill_ratio']:.3f}x) | decode @512 "
             f"{row['decode_ms_median']:>7.2f} ms ({row['decode_ratio']:.3f}x) | "
             f"accuracy level {row['accuracy_level'] or '-'}"
+            + (f" | PPL {row['torch_perplexity_quick']}" if "torch_perplexity_quick" in row else "")
         )
     linear = compiled.report.linear_weight_bytes
     summary = {
