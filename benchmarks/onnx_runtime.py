@@ -71,20 +71,20 @@ def main() -> None:
     }
 
     folder = Path(tempfile.mkdtemp(prefix="fptq-bench-"))
-    paths = {
-        "float": export_onnx(float_graph, folder / "float.onnx", OnnxLayout.QDQ).path,
-        "w4a8_ort": export_onnx(compiled, folder / "w4a8_ort.onnx", OnnxLayout.ORT).path,
-        "w4a8_qdq": export_onnx(compiled, folder / "w4a8_qdq.onnx", OnnxLayout.QDQ).path,
-        "w4a8_ort_lm_head_int4": export_onnx(with_lm_head, folder / "w4a8_lm_head.onnx", OnnxLayout.ORT).path,
+    exports = {
+        "float": export_onnx(float_graph, folder / "float.onnx", OnnxLayout.QDQ),
+        "w4a8_ort": export_onnx(compiled, folder / "w4a8_ort.onnx", OnnxLayout.ORT),
+        "w4a8_qdq": export_onnx(compiled, folder / "w4a8_qdq.onnx", OnnxLayout.QDQ),
+        "w4a8_ort_lm_head_int4": export_onnx(with_lm_head, folder / "w4a8_lm_head.onnx", OnnxLayout.ORT),
     }
     sessions = {
-        "float": (paths["float"], True),
-        "w4a8_ort": (paths["w4a8_ort"], True),
-        "w4a8_ort_level4": (paths["w4a8_ort"], False),
-        "w4a8_qdq": (paths["w4a8_qdq"], True),
-        "w4a8_ort_lm_head_int4": (paths["w4a8_ort_lm_head_int4"], True),
+        "float": (exports["float"], True),
+        "w4a8_ort": (exports["w4a8_ort"], True),
+        "w4a8_ort_level4": (exports["w4a8_ort"], False),
+        "w4a8_qdq": (exports["w4a8_qdq"], True),
+        "w4a8_ort_lm_head_int4": (exports["w4a8_ort_lm_head_int4"], True),
     }
-    loaded_sessions = {name: _session(path, args.threads, exact) for name, (path, exact) in sessions.items()}
+    loaded_sessions = {name: _session(export.path, args.threads, exact) for name, (export, exact) in sessions.items()}
     layout = compiled.kv_layout
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, loaded.model.config.vocab_size, (1, 512)).astype(np.int64)
@@ -106,12 +106,9 @@ def main() -> None:
             decode_times[name].append(time.perf_counter() - start)
 
     results = {}
-    for name, (path, exact) in sessions.items():
-        size = path.stat().st_size + (
-            path.with_name(path.name + ".data").stat().st_size if path.with_name(path.name + ".data").exists() else 0
-        )
+    for name, (export, exact) in sessions.items():
         results[name] = {
-            "file_mb": round(size / 1e6, 1),
+            "file_mb": round(export.file_bytes / 1e6, 1),
             "accuracy_level": None if name == "float" else (1 if exact else 4),
             "prefill_ms_median": round(1e3 * statistics.median(prefill_times[name]), 2),
             "decode_ms_median": round(1e3 * statistics.median(decode_times[name]), 2),

@@ -79,6 +79,24 @@ class _CausalLMWithCache(nn.Module):
         return output.logits, present
 
 
+def cache_signature(kv_layout: KVCacheLayout, vocab_size: int = 2) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Example inputs and dynamic shapes of ``(input_ids, past)``, for torch.export and torch.onnx.
+
+    Batch, sequence (>= 1) and past length (>= 0, an empty cache included) are dynamic,
+    without upper bounds: past + sequence is what the model limits, and Dims cannot say so.
+    """
+    batch, past = Dim("batch", min=1), Dim("past_sequence", min=0)
+    dynamic_shapes = (
+        {0: batch, 1: Dim("sequence", min=1)},
+        [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(kv_layout.num_layers)],
+    )
+    input_ids = torch.randint(0, vocab_size, (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE))
+    # Distinct tensors for every key and value: aliased example inputs would be traced as one.
+    shape = (_EXAMPLE_BATCH, kv_layout.num_kv_heads, _EXAMPLE_PAST, kv_layout.head_dim)
+    past_key_values = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(kv_layout.num_layers)]
+    return (input_ids, past_key_values), dynamic_shapes
+
+
 def logits(graph_module: fx.GraphModule, kv_layout: KVCacheLayout, input_ids: torch.Tensor) -> torch.Tensor:
     """Run a captured graph on whole sequences (empty cache, no padding): the logits."""
     output: torch.Tensor = graph_module(input_ids, kv_layout.empty(input_ids.shape[0]))[0]
@@ -128,24 +146,13 @@ def capture(model: nn.Module) -> CapturedModel:
     max_sequence_length = getattr(config, "max_position_embeddings", None)
     vocab_size = getattr(config, "vocab_size", None)
     kv_layout = KVCacheLayout.from_config(config)
-    # No upper bounds: past + sequence is what the model limits, and Dims cannot say so.
-    batch = Dim("batch", min=1)
-    past = Dim("past_sequence", min=0)
-    cache_shapes = [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(kv_layout.num_layers)]
-    dynamic_shapes = {
-        "input_ids": {0: batch, 1: Dim("sequence", min=1)},
-        "past_key_values": cache_shapes,
-    }
-    example_ids = torch.randint(0, int(vocab_size or 2), (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE))
-    # Distinct tensors for every key and value: aliased example inputs would be traced as one.
-    example_shape = (_EXAMPLE_BATCH, kv_layout.num_kv_heads, _EXAMPLE_PAST, kv_layout.head_dim)
-    example_past = [(torch.zeros(example_shape), torch.zeros(example_shape)) for _ in range(kv_layout.num_layers)]
+    example_inputs, dynamic_shapes = cache_signature(kv_layout, int(vocab_size or 2))
     model.eval()
     try:
         with torch.no_grad():
             exported = torch.export.export(
                 _CausalLMWithCache(model),
-                (example_ids, example_past),
+                example_inputs,
                 dynamic_shapes=dynamic_shapes,
                 strict=False,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -40,8 +41,7 @@ def export_folder(
         if model_config is not None:
             genai = genai_config(compiled, model_config)
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=1), encoding="utf-8")
-    final = Path(destination) / MODEL_FILE
-    return OnnxExport(final, result.layout, result.int4_initializers, result.k_major_weights, result.file_bytes)
+    return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
 
 
 def genai_config(compiled: CompiledModel, model_config: Any) -> dict[str, Any]:

@@ -30,9 +30,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
-from torch.export import Dim
 
-from fptq_compile.capture import KVCacheLayout
+from fptq_compile.capture import KVCacheLayout, cache_signature
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_rewrites import int4_weights_k_major, pack_int4_weights, static_qdq_as_unit_scale
 from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
@@ -62,10 +61,10 @@ class OnnxExport:
 
 def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
     """Input and output names of the exported decoder."""
-    cache = [f"{{}}.{layer}.{part}" for layer in range(kv_layout.num_layers) for part in ("key", "value")]
-    return ["input_ids", *(name.format("past_key_values") for name in cache)], [
+    cache = [f"{layer}.{part}" for layer in range(kv_layout.num_layers) for part in ("key", "value")]
+    return ["input_ids", *(f"past_key_values.{name}" for name in cache)], [
         "logits",
-        *(name.format("present") for name in cache),
+        *(f"present.{name}" for name in cache),
     ]
 
 
@@ -76,16 +75,7 @@ def export_onnx(
     destination = Path(path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     kv_layout = compiled.kv_layout
-    batch, past = Dim("batch", min=1), Dim("past_sequence", min=0)
-    dynamic_shapes = (
-        {0: batch, 1: Dim("sequence", min=1)},
-        [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(kv_layout.num_layers)],
-    )
-    shape = (2, kv_layout.num_kv_heads, 3, kv_layout.head_dim)
-    example = (
-        torch.zeros(2, 5, dtype=torch.int64),
-        [(torch.zeros(shape), torch.zeros(shape)) for _ in range(kv_layout.num_layers)],
-    )
+    example, dynamic_shapes = cache_signature(kv_layout)
     input_names, output_names = io_names(kv_layout)
     try:
         with warnings.catch_warnings():
