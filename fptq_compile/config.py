@@ -78,6 +78,8 @@ class CompileConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     ignore: tuple[str, ...] = ()
     calibration_batch_size: int = 4
+    error_samples: int = 4
+    """Calibration sequences on which the report measures each group's int8 error (0: skip)."""
 
     def __post_init__(self) -> None:
         for name in ("include", "ignore"):
@@ -88,6 +90,8 @@ class CompileConfig:
             raise ConfigError("include must hold at least one pattern")
         if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size <= 0:
             raise ConfigError(f"calibration_batch_size must be a positive integer, got {self.calibration_batch_size!r}")
+        if not isinstance(self.error_samples, int) or self.error_samples < 0:
+            raise ConfigError(f"error_samples must be a non-negative integer, got {self.error_samples!r}")
 
 
 def config_to_dict(config: CompileConfig) -> dict[str, Any]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fptq_compile.errors import UnsupportedGraphError
+
+ProbeT = TypeVar("ProbeT", bound=nn.Module)
 
 
 def fetch_tensor(graph_module: fx.GraphModule, target: str) -> torch.Tensor:
@@ -55,3 +60,44 @@ def drop_unused_attributes(graph_module: fx.GraphModule) -> int:
             delattr(owner, attribute)
             removed += 1
     return removed
+
+
+def insert_probe(
+    graph_module: fx.GraphModule, source: fx.Node, readers: Sequence[fx.Node], probe: nn.Module, target: str
+) -> fx.Node:
+    """Route ``source`` through the pass-through module ``probe`` on its way to ``readers``.
+
+    Analyses use probes (observers) to see activations during calibration; they are
+    temporary and leave with :func:`remove_probes`.
+    """
+    graph_module.add_submodule(target, probe)
+    with graph_module.graph.inserting_after(source):
+        probed = graph_module.graph.call_module(target, (source,))
+    probed.meta["val"] = source.meta.get("val")
+    for reader in readers:
+        reader.replace_input_with(source, probed)
+    return probed
+
+
+def find_probes(graph_module: fx.GraphModule, probe_type: type[ProbeT]) -> list[tuple[fx.Node, ProbeT]]:
+    """The ``call_module`` nodes of the graph whose module is a ``probe_type``, in graph order."""
+    found = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            module = graph_module.get_submodule(str(node.target))
+            if isinstance(module, probe_type):
+                found.append((node, module))
+    return found
+
+
+def remove_probes(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> int:
+    """Take every ``probe_type`` module out of the graph and the module tree; return how many."""
+    probes = find_probes(graph_module, probe_type)
+    for node, _ in probes:
+        node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+        graph_module.graph.erase_node(node)
+        delattr(graph_module, str(node.target))
+    if probes:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return len(probes)

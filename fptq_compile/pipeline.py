@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from fptq_compile.calibration import CalibrationSource, calibration_token_ids, run_calibration
-from fptq_compile.capture import KVCache, KVCacheLayout, capture, logits, select_linears
+from fptq_compile.capture import CapturedModel, KVCache, KVCacheLayout, capture, logits, select_linears
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError
 from fptq_compile.graph_utils import drop_unused_attributes
@@ -22,9 +21,21 @@ from fptq_compile.models import LoadedModel
 from fptq_compile.passes.analyze_sensitivity import analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
-from fptq_compile.passes.insert_observers import insert_observers, read_activation_stats, remove_observers
+from fptq_compile.passes.insert_observers import (
+    ActivationStats,
+    insert_observers,
+    read_activation_stats,
+    remove_observers,
+)
 from fptq_compile.passes.insert_w4a8_qdq import insert_w4a8_qdq
+from fptq_compile.passes.measure_activation_error import (
+    ActivationErrors,
+    insert_error_probes,
+    read_activation_errors,
+    remove_error_probes,
+)
 from fptq_compile.plan import QuantPlan
+from fptq_compile.progress import StepProgress
 
 DEFAULT_PASSES: tuple[Pass, ...] = (fold_log_equalization, insert_w4a8_qdq)
 """The transforms FPTQ applies once the plan is made, in order."""
@@ -40,16 +51,16 @@ class CompileReport:
     calibration_tokens: int
     peak_rss_bytes: int
     linear_weight_bytes: dict[str, int] = field(default_factory=dict)
+    activation_sqnr_db: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per activation group: SQNR of its int8 activations (planned, static, dynamic)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "seconds_per_step": self.seconds_per_step,
-            "pass_reports": self.pass_reports,
-            "plan_summary": self.plan_summary,
-            "calibration_tokens": self.calibration_tokens,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "linear_weight_bytes": self.linear_weight_bytes,
-        }
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompileReport:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,87 @@ class CompiledModel:
             return output
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """What FPTQ decides for a model before anything is quantized (``fptq inspect``).
+
+    ``graph_module`` (in ``captured``) is still the float graph.
+    """
+
+    captured: CapturedModel
+    plan: QuantPlan
+    stats: ActivationStats
+    activation_errors: ActivationErrors
+    calibration_tokens: int
+    seconds_per_step: dict[str, float]
+
+
+_ANALYSIS_STEPS = ("capture", "calibration", "analyze_sensitivity", "measure_activation_error")
+
+
+def analyze(
+    model: nn.Module | LoadedModel,
+    calibration: CalibrationSource,
+    config: CompileConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    num_samples: int = 32,
+    seq_len: int = 512,
+    progress: bool = True,
+) -> Analysis:
+    """Capture, calibrate and plan: the per-layer statistics and decisions, no quantization.
+
+    Arguments as for :func:`compile`.
+    """
+    steps = StepProgress("analyze", _ANALYSIS_STEPS, progress)
+    analysis = _analyze(model, calibration, config or CompileConfig(), tokenizer, num_samples, seq_len, steps)
+    steps.close()
+    return analysis
+
+
+def _analyze(
+    model: nn.Module | LoadedModel,
+    calibration: CalibrationSource,
+    config: CompileConfig,
+    tokenizer: Any,
+    num_samples: int,
+    seq_len: int,
+    steps: StepProgress,
+) -> Analysis:
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
+    with steps.step("capture"):
+        # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
+        captured = capture(model)
+    graph_module = captured.graph_module
+    # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
+    linears, skipped = select_linears(captured.linears, config)
+    token_ids = calibration_token_ids(
+        calibration, tokenizer, num_samples, seq_len, captured.vocab_size, captured.max_sequence_length
+    )
+    with steps.step("calibration"):
+        # Temporary observers measure per-channel max|X| of each linear input, then leave.
+        insert_observers(graph_module, linears)
+        run_calibration(captured.logits, token_ids, config.calibration_batch_size, steps.enabled)
+        stats = read_activation_stats(graph_module)
+        remove_observers(graph_module)
+    with steps.step("analyze_sensitivity"):
+        # FPTQ policy per activation group: static / LAE + static / per-token dynamic.
+        plan = analyze_sensitivity(graph_module, linears, skipped, stats, config)
+    with steps.step("measure_activation_error"):
+        # Temporary probes measure each group's int8 error on a few calibration sequences.
+        errors = ActivationErrors({})
+        if config.error_samples:
+            insert_error_probes(graph_module, plan)
+            run_calibration(captured.logits, token_ids[: config.error_samples], config.calibration_batch_size, False)
+            errors = read_activation_errors(graph_module)
+            remove_error_probes(graph_module)
+    return Analysis(captured, plan, stats, errors, int(token_ids.numel()), steps.seconds)
+
+
 def compile(
     model: nn.Module | LoadedModel,
     calibration: CalibrationSource,
@@ -98,56 +190,31 @@ def compile(
     The user's model is left unchanged.
     """
     config = config or CompileConfig()
-    if isinstance(model, LoadedModel):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
-    timings: dict[str, float] = {}
-    with _timed(timings, "capture"):
-        # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
-        captured = capture(model)
-    graph_module = captured.graph_module
-    # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
-    linears, skipped = select_linears(captured.linears, config)
-    token_ids = calibration_token_ids(
-        calibration, tokenizer, num_samples, seq_len, captured.vocab_size, captured.max_sequence_length
-    )
-    with _timed(timings, "calibration"):
-        # Temporary observers measure per-channel max|X| of each linear input, then leave.
-        insert_observers(graph_module, linears)
-        run_calibration(captured.logits, token_ids, config.calibration_batch_size, progress)
-        stats = read_activation_stats(graph_module)
-        remove_observers(graph_module)
-    with _timed(timings, "analyze_sensitivity"):
-        # FPTQ policy per activation group: static / LAE + static / per-token dynamic.
-        plan = analyze_sensitivity(graph_module, linears, skipped, stats, config)
+    steps = StepProgress("compile", (*_ANALYSIS_STEPS, *map(pass_name, passes)), progress)
+    # Capture, calibrate, plan: what happens to every linear, decided before any edit.
+    analysis = _analyze(model, calibration, config, tokenizer, num_samples, seq_len, steps)
+    graph_module, plan = analysis.captured.graph_module, analysis.plan
     bytes_before = _linear_weight_bytes(graph_module, plan)
     pass_reports: dict[str, dict[str, Any]] = {}
     for transform in passes:
         name = pass_name(transform)
-        with _timed(timings, name):
+        with steps.step(name):
             # Each transform reads the plan; the runner lints and recompiles after it.
             result: PassResult = run_pass(transform, graph_module, plan)
         graph_module = result.graph_module
         pass_reports[name] = {"modified": result.modified, **dict(result.report)}
+    steps.close()
     drop_unused_attributes(graph_module)
     report = CompileReport(
-        seconds_per_step=timings,
+        seconds_per_step=steps.seconds,
         pass_reports=pass_reports,
         plan_summary=plan.summary(),
-        calibration_tokens=int(token_ids.numel()),
+        calibration_tokens=analysis.calibration_tokens,
         peak_rss_bytes=peak_rss_bytes(),
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
+        activation_sqnr_db={group: dict(errors) for group, errors in analysis.activation_errors.sqnr_db.items()},
     )
-    return CompiledModel(graph_module, plan, report, captured.kv_layout, config)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[step] = round(time.perf_counter() - start, 3)
+    return CompiledModel(graph_module, plan, report, analysis.captured.kv_layout, config)
 
 
 def peak_rss_bytes() -> int:

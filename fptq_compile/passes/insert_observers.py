@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fptq_compile.capture import LinearSite
 from fptq_compile.errors import CalibrationError, PreconditionError
-from fptq_compile.graph_utils import find_node
+from fptq_compile.graph_utils import find_node, find_probes, insert_probe, remove_probes
 from fptq_compile.passes.base import PassResult
 
 _OBSERVER_PREFIX = "fptq_observer_"
@@ -71,19 +71,9 @@ class ActivationStats:
         return self.per_linear[linear_node]
 
 
-def _observers(graph_module: fx.GraphModule) -> list[tuple[fx.Node, ActivationObserver]]:
-    found = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module":
-            module = graph_module.get_submodule(str(node.target))
-            if isinstance(module, ActivationObserver):
-                found.append((node, module))
-    return found
-
-
 def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]) -> PassResult:
     """Put one :class:`ActivationObserver` on each distinct input of ``linears``."""
-    if _observers(graph_module):
+    if find_probes(graph_module, ActivationObserver):
         return PassResult(graph_module, modified=False, report={"observers": 0, "note": "observers already present"})
     by_input: dict[str, list[fx.Node]] = {}
     for site in linears:
@@ -91,18 +81,12 @@ def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]
         if linear is None:
             raise PreconditionError(f"linear node {site.node} ({site.module_path}) is not in the graph")
         by_input.setdefault(site.input_node, []).append(linear)
-    graph = graph_module.graph
     for index, (input_name, linear_nodes) in enumerate(by_input.items()):
         input_node = linear_nodes[0].args[0]
         if not isinstance(input_node, fx.Node) or input_node.name != input_name:
             raise PreconditionError(f"linear {linear_nodes[0].name} no longer reads {input_name}: stale linear sites")
-        target = f"{_OBSERVER_PREFIX}{index}"
-        graph_module.add_submodule(target, ActivationObserver(input_name, [n.name for n in linear_nodes]))
-        with graph.inserting_after(input_node):
-            observed = graph.call_module(target, (input_node,))
-        observed.meta["val"] = input_node.meta.get("val")
-        for linear in linear_nodes:
-            linear.replace_input_with(input_node, observed)
+        observer = ActivationObserver(input_name, [n.name for n in linear_nodes])
+        insert_probe(graph_module, input_node, linear_nodes, observer, f"{_OBSERVER_PREFIX}{index}")
     graph_module.recompile()
     return PassResult(graph_module, modified=bool(by_input), report={"observers": len(by_input)})
 
@@ -110,7 +94,7 @@ def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]
 def read_activation_stats(graph_module: fx.GraphModule) -> ActivationStats:
     """Read the observers out into frozen statistics keyed by linear node name."""
     per_linear: dict[str, ChannelStats] = {}
-    for _, observer in _observers(graph_module):
+    for _, observer in find_probes(graph_module, ActivationObserver):
         if observer.channel_absmax is None:
             raise CalibrationError(
                 f"observer of {observer.input_node} (feeding {', '.join(observer.linears)}) saw no data: "
@@ -124,12 +108,5 @@ def read_activation_stats(graph_module: fx.GraphModule) -> ActivationStats:
 
 def remove_observers(graph_module: fx.GraphModule) -> PassResult:
     """Take every observer out of the graph and the module tree."""
-    observers = _observers(graph_module)
-    for node, _ in observers:
-        node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
-        graph_module.graph.erase_node(node)
-        delattr(graph_module, str(node.target))
-    if observers:
-        graph_module.graph.lint()
-        graph_module.recompile()
-    return PassResult(graph_module, modified=bool(observers), report={"observers_removed": len(observers)})
+    removed = remove_probes(graph_module, ActivationObserver)
+    return PassResult(graph_module, modified=bool(removed), report={"observers_removed": removed})
