@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fptq_compile.errors import ConfigError
 
@@ -57,7 +60,7 @@ class ActivationConfig:
             raise ConfigError(f"activations.policy must be one of {allowed}, got {self.policy!r}")
         if not 0 < self.static_threshold < self.dynamic_threshold:
             raise ConfigError(
-                "activation thresholds must satisfy 0 < v0 < v1, got "
+                "activations.static_threshold (v0) and dynamic_threshold (v1) must satisfy 0 < v0 < v1, got "
                 f"v0={self.static_threshold!r}, v1={self.dynamic_threshold!r}"
             )
 
@@ -100,3 +103,62 @@ def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     data["activations"]["policy"] = config.activations.policy.value
     data["include"], data["ignore"] = list(config.include), list(config.ignore)
     return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> CompileConfig:
+    """A :class:`CompileConfig` from plain data (a config file, a saved ``compile_config.json``).
+
+    Every key is checked: an unknown key, a value of the wrong type or an enum value out
+    of range raises :class:`ConfigError` naming the key and what it allows.
+    """
+    return dataclass_from_dict(CompileConfig, data)
+
+
+DataclassT = TypeVar("DataclassT")
+
+
+def dataclass_from_dict(cls: type[DataclassT], data: Mapping[str, Any], prefix: str = "") -> DataclassT:
+    """Build the frozen dataclass ``cls`` from nested plain data, checking every key and type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key!s}; allowed: {', '.join(prefix + name for name in fields)}")
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a missing required field
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from error
+
+
+def _convert(annotation: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the field type ``annotation`` (and converted where lossless)."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        (annotation,) = [argument for argument in arguments if argument is not type(None)]
+        return _convert(annotation, value, key)
+    if dataclasses.is_dataclass(annotation):
+        return dataclass_from_dict(annotation, value, f"{key}.")  # type: ignore[arg-type]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        allowed = [member.value for member in annotation]
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return annotation(value)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_convert(arguments[0], item, f"{key}[{index}]") for index, item in enumerate(value))
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation)
+    if expected is None:
+        raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+    valid = isinstance(value, annotation) and not (annotation is not bool and isinstance(value, bool))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not valid:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    return value

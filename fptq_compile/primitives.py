@@ -127,6 +127,24 @@ def dequantize_int4_groups(
     return dequantize(codes, _expand_groups(scale, group_size, in_features), full_zero_point)
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 values held in int8 ``[..., K]`` as bytes ``[..., ceil(K / 2)]``, two per byte.
+
+    Element ``2i`` goes in the low nibble and ``2i + 1`` in the high one (ONNX's INT4 order);
+    an odd last element is padded with zero.
+    """
+    nibbles = codes.to(torch.uint8) & 0x0F
+    if codes.shape[-1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: the first ``length`` int4 values of each row, as int8."""
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[..., :length]
+    return ((nibbles.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend 4 bits
+
+
 def log_equalization_scale(channel_absmax: torch.Tensor) -> torch.Tensor:
     """FPTQ's logarithmic activation equalization scale, per input channel.
 
