@@ -8,7 +8,7 @@ A saved compiled model is a set of files in a folder:
   its tensors (structure, dtypes and shapes: a few hundred kB);
 - ``weights.safetensors``: every tensor the graph reads, once each (tied weights are
   stored once), the int4 weight codes packed two per byte;
-- ``plan.json``, ``compile_config.json``, ``report.json``.
+- ``plan.json``, ``compile_config.json``, ``compile_report.json``.
 
 Loading rebuilds the graph module from the program and puts the tensors in place; the
 result computes exactly what the saved model did. A folder written by another format
@@ -41,6 +41,7 @@ SAVED_FORMAT_VERSION = 1
 MANIFEST_FILE = "fptq_manifest.json"
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
+COMPILE_REPORT_FILE = "compile_report.json"
 
 
 def is_saved_compiled(directory: str | os.PathLike[str]) -> bool:
@@ -98,7 +99,7 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     (folder / "plan.json").write_text(compiled.plan.to_json(), encoding="utf-8")
     (folder / "compile_config.json").write_text(json.dumps(config_to_dict(compiled.config), indent=1), encoding="utf-8")
-    (folder / "report.json").write_text(json.dumps(compiled.report.to_dict(), indent=1), encoding="utf-8")
+    (folder / COMPILE_REPORT_FILE).write_text(json.dumps(compiled.report.to_dict(), indent=1), encoding="utf-8")
 
 
 def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
@@ -110,7 +111,7 @@ def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
         stored = load_file(str(folder / WEIGHTS_FILE))
         plan = QuantPlan.from_json((folder / "plan.json").read_text(encoding="utf-8"))
         config = config_from_dict(json.loads((folder / "compile_config.json").read_text(encoding="utf-8")))
-        report = CompileReport.from_dict(json.loads((folder / "report.json").read_text(encoding="utf-8")))
+        report = CompileReport.from_dict(json.loads((folder / COMPILE_REPORT_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, truncated or corrupt files
         raise ModelLoadError(f"cannot load the compiled model in {folder}: {type(error).__name__}: {error}") from error
     for name, length in manifest["int4_packed"].items():

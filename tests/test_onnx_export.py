@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import ml_dtypes
 import numpy as np
@@ -123,15 +124,27 @@ def test_export_folder_is_self_contained_and_atomic(fptq_model, tmp_path):
             (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
 
     destination = tmp_path / "out"
-    export_folder(fptq_model, Tokenizer(), destination)
+    export_folder(fptq_model, Tokenizer(), destination, report_fields={"model": "tiny", "perplexity": 9.5})
     assert sorted(p.name for p in destination.iterdir()) == [
-        "config.json",
+        "compile_config.json",
+        "compile_report.json",
+        "fptq_manifest.json",
         "model.onnx",
         "plan.json",
+        "program.json",
+        "report.html",
         "report.json",
+        "report.png",
         "tokenizer.json",
+        "weights.safetensors",
     ]
     assert fptq.QuantPlan.from_json((destination / "plan.json").read_text()) == fptq_model.plan
+    report = json.loads((destination / "report.json").read_text())
+    assert report["summary"]["model"] == "tiny" and report["summary"]["perplexity"] == 9.5
+    assert report["summary"]["onnx"]["file_bytes"] == (destination / "model.onnx").stat().st_size
+    assert len(report["layers"]) == len(fptq_model.plan.layers)
+    assert (destination / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert "data:image/png;base64," in (destination / "report.html").read_text()
     with pytest.raises(fptq.ConfigError, match="exists"):
         export_folder(fptq_model, Tokenizer(), destination)
 

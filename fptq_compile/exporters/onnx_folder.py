@@ -1,17 +1,31 @@
-"""A self-contained folder: the ONNX decoder, its tokenizer, the plan and the report."""
+"""A self-contained output folder: the ONNX decoder, the saved compiled model, tokenizer and report.
+
+Layout (everything written to a temporary sibling and renamed at the end):
+
+- ``model.onnx``: the W4A8 decoder with its KV cache (:func:`export_onnx`);
+- ``genai_config.json`` and ``config.json``: for onnxruntime-genai and Hugging Face
+  tooling, when the model's Hugging Face config is given;
+- tokenizer files;
+- the saved compiled model (:mod:`fptq_compile.saving`): ``program.json``,
+  ``weights.safetensors``, ``fptq_manifest.json``, ``plan.json``, ``compile_config.json``,
+  ``compile_report.json``, so ``fptq export`` and ``fptq eval`` run without recompiling;
+- ``report.json``, ``report.html``, ``report.png`` (:mod:`fptq_compile.report`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fptq_compile.config import config_to_dict
 from fptq_compile.exporters.onnx_qdq import OnnxExport, OnnxLayout, export_onnx
 from fptq_compile.io import atomic_directory
 from fptq_compile.pipeline import CompiledModel
+from fptq_compile.report import build_report, write_report
+from fptq_compile.saving import save_compiled
 
 MODEL_FILE = "model.onnx"
 
@@ -23,24 +37,25 @@ def export_folder(
     layout: OnnxLayout = OnnxLayout.ORT,
     overwrite: bool = False,
     model_config: Any = None,
+    report_fields: Mapping[str, Any] | None = None,
 ) -> OnnxExport:
-    """Write ``model.onnx``, the tokenizer files, ``plan.json``, ``config.json`` and ``report.json``,
-    and with the model's Hugging Face ``model_config`` a ``genai_config.json`` for onnxruntime-genai.
+    """Write the output folder described in the module docstring for ``compiled``.
 
-    Written into a temporary sibling and renamed at the end: a failure leaves nothing
-    under ``destination``.
+    ``model_config`` is the model's Hugging Face config (for ``genai_config.json`` and
+    ``config.json``); ``report_fields`` go into the report's summary (e.g. ``model``,
+    ``perplexity``). A failure leaves nothing under ``destination``.
     """
     with atomic_directory(destination, overwrite=overwrite) as staging:
         result = export_onnx(compiled, staging / MODEL_FILE, layout)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / "plan.json").write_text(compiled.plan.to_json(), encoding="utf-8")
-        (staging / "config.json").write_text(json.dumps(config_to_dict(compiled.config), indent=1), encoding="utf-8")
-        report = {**compiled.report.to_dict(), "onnx": {"layout": layout.value, "file_bytes": result.file_bytes}}
-        (staging / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         if model_config is not None:
+            model_config.save_pretrained(staging)
             genai = genai_config(compiled, model_config)
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=1), encoding="utf-8")
+        save_compiled(compiled, staging)
+        onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
+        write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
     return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
 
 
