@@ -28,8 +28,9 @@ from fptq_compile.errors import (
 from fptq_compile.generation import generate_ids, generate_text
 from fptq_compile.models import LoadedModel, load_model
 from fptq_compile.passes.base import Pass, PassResult
-from fptq_compile.pipeline import DEFAULT_PASSES, CompiledModel, CompileReport, compile
+from fptq_compile.pipeline import DEFAULT_PASSES, Analysis, CompiledModel, CompileReport, analyze, compile
 from fptq_compile.plan import ActivationClass, QuantPlan
+from fptq_compile.saving import load_compiled, save_compiled
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "ActivationClass",
     "ActivationConfig",
     "ActivationPolicy",
+    "Analysis",
     "CalibrationError",
     "CompileConfig",
     "CompileReport",
@@ -58,8 +60,11 @@ __all__ = [
     "Texts",
     "UnsupportedGraphError",
     "WeightConfig",
+    "analyze",
     "compile",
     "generate_ids",
     "generate_text",
+    "load_compiled",
     "load_model",
+    "save_compiled",
 ]

@@ -72,7 +72,7 @@ def calibration_token_ids(
             raise CalibrationError("data-free calibration needs the model's vocab_size")
         generator = torch.Generator().manual_seed(source.seed)
         return torch.randint(0, vocab_size, (num_samples, seq_len), generator=generator)
-    text = _read_text(source)
+    text = read_calibration_text(source)
     if not text.strip():
         raise CalibrationError(f"calibration text from {_describe(source)} is empty")
     if tokenizer is None:
@@ -113,7 +113,8 @@ def _describe(source: object) -> str:
     return type(source).__name__
 
 
-def _read_text(source: object) -> str:
+def read_calibration_text(source: object) -> str:
+    """The text of a text calibration source (file, strings, dataset), checked to be readable UTF-8."""
     if isinstance(source, (str, os.PathLike)):
         source = TextFile(Path(source))
     if isinstance(source, TextFile):

@@ -143,8 +143,7 @@ def capture(model: nn.Module) -> CapturedModel:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise UnsupportedGraphError(f"{type(model).__name__} has no Hugging Face config: not a supported causal LM")
-    max_sequence_length = getattr(config, "max_position_embeddings", None)
-    vocab_size = getattr(config, "vocab_size", None)
+    vocab_size, max_sequence_length = model_limits(model)
     kv_layout = KVCacheLayout.from_config(config)
     example_inputs, dynamic_shapes = cache_signature(kv_layout, int(vocab_size or 2))
     model.eval()
@@ -162,6 +161,12 @@ def capture(model: nn.Module) -> CapturedModel:
         ) from error
     graph_module = exported.module()
     return CapturedModel(graph_module, find_linear_sites(graph_module), kv_layout, max_sequence_length, vocab_size)
+
+
+def model_limits(model: nn.Module) -> tuple[int | None, int | None]:
+    """The vocabulary size and the longest sequence a Hugging Face model's config allows."""
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
 
 
 def module_path_of(node: fx.Node) -> str:
@@ -222,5 +227,9 @@ def select_linears(
         else:
             selected.append(site)
     if not selected:
-        raise ConfigError(f"no linear layer matches the include patterns {list(config.include)}")
+        found = ", ".join(site.module_path or site.node for site in linears[:4])
+        raise ConfigError(
+            f"no linear layer to quantize: none of the model's {len(linears)} linears ({found}) matches the "
+            f"include patterns {list(config.include)} (by default, linears inside numbered decoder blocks)"
+        )
     return tuple(selected), tuple(skipped)

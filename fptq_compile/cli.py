@@ -1,10 +1,11 @@
-"""The ``fptq`` command line.
+"""The ``fptq`` command line: compile, inspect, eval, generate, export.
 
-``fptq compile [MODEL]`` compiles a model (the built-in SmolLM2-135M when MODEL is
-omitted) to W4A8 with FPTQ and exports a self-contained ONNX folder (``model.onnx``,
-tokenizer, ``plan.json``, ``config.json``, ``report.json``); with ``--prompt`` it then
-generates text from that folder with ONNX Runtime. ``fptq generate DIR PROMPT`` generates
-from an exported folder.
+``fptq compile [MODEL]`` quantizes a model (the built-in SmolLM2-135M when MODEL is
+omitted, with data-free calibration: works offline) and writes one output folder: the
+W4A8 ONNX decoder, the saved compiled model, the tokenizer, the plan, the resolved
+config and the report. Every command takes ``--quiet`` (no progress bars), ``--json``
+(one JSON object on stdout) and ``--debug`` (tracebacks). Errors print one line on
+stderr and exit with 2 (bad input) or 1 (a failure while running).
 """
 
 from __future__ import annotations
@@ -12,87 +13,326 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from fptq_compile.calibration import RandomTokens, TextFile
-from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
-from fptq_compile.errors import FptqError
+from fptq_compile.config import ActivationPolicy
+from fptq_compile.errors import ConfigError, FptqError
+from fptq_compile.exporters.onnx_qdq import OnnxLayout
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fptq", description="W4A8 FPTQ quantization compiler for LLMs.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    compile_ = commands.add_parser("compile", help="quantize a causal LM to W4A8 and export an ONNX folder")
-    compile_.add_argument("model", nargs="?", help="HF model id, model folder or .gguf file (default: SmolLM2-135M)")
-    compile_.add_argument("--calib", default="random", help="calibration text file, or 'random' (data-free, default)")
-    compile_.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
-    compile_.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    compile_.add_argument("--group-size", type=int, default=128, help="int4 weight group size (default 128)")
-    compile_.add_argument("--asymmetric", action="store_true", help="asymmetric int4 weight groups")
-    compile_.add_argument(
-        "--policy",
-        choices=[p.value for p in ActivationPolicy],
-        default=ActivationPolicy.FPTQ.value,
-        help="activation policy (default fptq)",
-    )
-    compile_.add_argument("--thresholds", type=float, nargs=2, metavar=("V0", "V1"), default=(15.0, 150.0))
-    compile_.add_argument("--ignore", nargs="*", default=[], metavar="PATTERN", help="module paths kept float")
-    compile_.add_argument("--out", type=Path, default=Path("fptq-out"), help="output folder (default fptq-out)")
-    compile_.add_argument("--layout", choices=["ort", "qdq"], default="ort", help="ONNX layout (default ort)")
-    compile_.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    compile_.add_argument("--prompt", help="then generate a continuation of this prompt with ONNX Runtime")
-    compile_.add_argument("--max-new-tokens", type=int, default=24)
-    compile_.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    generate = commands.add_parser("generate", help="generate text with an exported ONNX folder")
-    generate.add_argument("folder", type=Path, help="folder written by `fptq compile`")
-    generate.add_argument("prompt")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    return parser
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def _compile(args: argparse.Namespace) -> int:
-    import fptq_compile as fptq
-    from fptq_compile.exporters import OnnxLayout, export_folder
-
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    config = CompileConfig(
-        weights=WeightConfig(group_size=args.group_size, symmetric=not args.asymmetric),
-        activations=ActivationConfig(
-            policy=ActivationPolicy(args.policy),
-            static_threshold=args.thresholds[0],
-            dynamic_threshold=args.thresholds[1],
-        ),
-        ignore=tuple(args.ignore),
+    try:
+        result: dict[str, Any] = args.run(args)
+    except (Exception, KeyboardInterrupt) as error:
+        if args.debug:
+            raise
+        code, message = _describe_failure(error)
+        print(message, file=sys.stderr)
+        return code
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _describe_failure(error: BaseException) -> tuple[int, str]:
+    """The exit code and the one line shown for ``error`` (outputs are never half-written)."""
+    if isinstance(error, FptqError):
+        return EXIT_BAD_INPUT, "fptq: error: " + " ".join(str(error).split())
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "fptq: interrupted"
+    message = " ".join(str(error).split())
+    if isinstance(error, OSError):  # disk full, permissions
+        return EXIT_FAILURE, f"fptq: error: {message}"
+    return (
+        EXIT_FAILURE,
+        f"fptq: internal error: {type(error).__name__}: {message} (rerun with --debug for the traceback)",
     )
+
+
+# --- the parser ------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fptq_compile import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    common.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(
+        prog="fptq",
+        description="W4A8 (int4 weights, int8 activations) FPTQ quantization compiler for LLMs.",
+        epilog="Run `fptq COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"fptq_compile {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], dict[str, Any]], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    compile_ = command("compile", _compile, "quantize a causal LM to W4A8 and write an output folder (ONNX + report)")
+    _add_compile_options(compile_)
+    compile_.add_argument("--layout", choices=[layout.value for layout in OnnxLayout], help="ONNX layout (ort)")
+    compile_.add_argument(
+        "--out", type=Path, default=Path("fptq-out"), metavar="DIR", help="output folder (default fptq-out)"
+    )
+    compile_.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    compile_.add_argument("--ppl", type=Path, metavar="TEXTFILE", help="also measure WikiText perplexity on this file")
+    compile_.add_argument(
+        "--windows", type=int, metavar="N", help="with --ppl: evaluate the first N 512-token windows only"
+    )
+    compile_.add_argument(
+        "--prompt", metavar="TEXT", help="then generate a continuation of this prompt from the ONNX folder"
+    )
+    compile_.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="tokens to generate (default 24)")
+
+    inspect = command("inspect", _inspect, "show activation ranges per linear and the plan FPTQ would choose")
+    _add_compile_options(inspect)
+
+    eval_ = command("eval", _eval, "perplexity of a float model, a compiled model or an exported ONNX folder")
+    eval_.add_argument("target", nargs="?", help="output folder of `fptq compile`, or a model (default SmolLM2)")
+    eval_.add_argument("--ppl", type=Path, required=True, metavar="TEXTFILE", help="WikiText-2 raw text file")
+    eval_.add_argument(
+        "--windows", type=int, metavar="N", help="evaluate the first N 512-token windows only (default all)"
+    )
+    eval_.add_argument(
+        "--backend",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="for an output folder: its ONNX model in ONNX Runtime (default) or the saved compiled torch model",
+    )
+
+    generate = command("generate", _generate, "generate text with an exported ONNX folder")
+    generate.add_argument("folder", type=Path, help="output folder of `fptq compile`")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    generate.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+
+    export = command("export", _export, "re-export a saved compiled model to ONNX in another layout")
+    export.add_argument("folder", type=Path, help="output folder of `fptq compile`")
+    export.add_argument("--format", required=True, choices=[layout.value for layout in OnnxLayout], help="layout")
+    export.add_argument("--out", type=Path, metavar="DIR", help="new output folder (default FOLDER-FORMAT)")
+    export.add_argument("--overwrite", action="store_true", help="replace the new output folder if it exists")
+    return parser
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """Options that decide the plan; unset ones come from --config, then the defaults."""
+    parser.add_argument("model", nargs="?", help="HF model id, model folder or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="a .toml, .yaml or .json file with any of these options"
+    )
+    parser.add_argument("--calib", metavar="SOURCE", help="calibration text file, or 'random' (data-free, default)")
+    parser.add_argument("--samples", type=int, metavar="N", help="calibration sequences (default 32)")
+    parser.add_argument("--seq-len", type=int, metavar="L", help="tokens per calibration sequence (default 512)")
+    parser.add_argument(
+        "--group-size", type=int, metavar="G", help="int4 weight group size, a power of two (default 128)"
+    )
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric int4 weight groups")
+    parser.add_argument("--policy", choices=[p.value for p in ActivationPolicy], help="activation policy (fptq)")
+    parser.add_argument("--thresholds", type=float, nargs=2, metavar=("V0", "V1"), help="FPTQ v0 < v1 (15 150)")
+    parser.add_argument("--no-lae", action="store_true", help="LAE candidates go per-token dynamic instead")
+    parser.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module-path patterns kept float")
+
+
+def _resolve_job(args: argparse.Namespace) -> Any:
+    """The job from --config with the flags given on the command line applied over it."""
+    from fptq_compile.job import job_from_dict, read_config_file
+
+    data = read_config_file(args.config) if args.config else {}
+
+    def put(section: str | None, key: str, value: Any) -> None:
+        if value is not None:
+            table = data if section is None else data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} must be a table of keys, got {table!r}")
+            table[key] = value
+
+    put(None, "model", args.model)
+    put("calibration", "source", args.calib)
+    put("calibration", "samples", args.samples)
+    put("calibration", "seq_len", args.seq_len)
+    put("weights", "group_size", args.group_size)
+    put("weights", "symmetric", False if args.asymmetric else None)
+    put("activations", "policy", args.policy)
+    if args.thresholds:
+        put("activations", "static_threshold", args.thresholds[0])
+        put("activations", "dynamic_threshold", args.thresholds[1])
+    put("activations", "use_lae", False if args.no_lae else None)
+    put(None, "ignore", args.ignore)
+    put("export", "layout", getattr(args, "layout", None))
+    return job_from_dict(data)
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _calibration_source(source: str) -> Any:
+    """``random`` or a text file, checked (exists, UTF-8, not empty) before the model loads."""
+    from fptq_compile.calibration import RandomTokens, TextFile, read_calibration_text
+    from fptq_compile.errors import CalibrationError
+
+    if source == "random":
+        return RandomTokens()
+    text_file = TextFile(Path(source))
+    if not read_calibration_text(text_file).strip():
+        raise CalibrationError(f"calibration text from {source} is empty")
+    return text_file
+
+
+# --- the commands ------------------------------------------------------------------
+
+
+def _compile(args: argparse.Namespace) -> dict[str, Any]:
+    import fptq_compile as fptq
+    from fptq_compile.exporters import export_folder
+    from fptq_compile.job import RESOLVED_CONFIG_FILE, job_to_dict
+
+    job = _resolve_job(args)
     if args.out.exists() and not args.overwrite:
-        raise fptq.ConfigError(f"output folder {args.out} exists; pass --overwrite to replace it")
-    calibration = RandomTokens() if args.calib == "random" else TextFile(Path(args.calib))
-    loaded = fptq.load_model(args.model)
+        raise ConfigError(f"output folder {args.out} exists; pass --overwrite to replace it")
+    if args.ppl is not None and not args.ppl.is_file():
+        raise ConfigError(f"perplexity text {args.ppl} does not exist")
+    calibration = _calibration_source(job.calibration.source)
+    loaded = fptq.load_model(job.model)
     compiled = fptq.compile(
-        loaded, calibration, config, num_samples=args.samples, seq_len=args.seq_len, progress=not args.quiet
+        loaded,
+        calibration,
+        job.compile,
+        num_samples=job.calibration.samples,
+        seq_len=job.calibration.seq_len,
+        progress=not args.quiet,
     )
-    summary = compiled.plan.summary()["linears_per_activation_class"]
-    print(f"compiled {loaded.source}: linears per activation class {json.dumps(summary)}", file=sys.stderr)
+    counts = compiled.plan.activation_class_counts()
+    _status(args, f"compiled {loaded.source}: linears per activation class {json.dumps(counts)}")
+    perplexity = None
+    if args.ppl is not None:
+        perplexity = _perplexity(compiled, loaded.tokenizer, args.ppl, args.windows, not args.quiet)["perplexity"]
+        _status(args, f"perplexity (compiled torch model): {perplexity:.3f}")
     exported = export_folder(
         compiled,
         loaded.tokenizer,
         args.out,
-        OnnxLayout(args.layout),
+        job.export.layout,
         overwrite=args.overwrite,
         model_config=getattr(loaded.model, "config", None),
+        report_fields={"model": loaded.source, "perplexity": perplexity},
+        extra_files={RESOLVED_CONFIG_FILE: json.dumps(job_to_dict(job), indent=1)},
     )
-    print(f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {args.layout})", file=sys.stderr)
+    _status(args, f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {job.export.layout.value})")
+    result = {
+        "out": str(args.out),
+        "model": loaded.source,
+        "onnx_bytes": exported.file_bytes,
+        "layout": job.export.layout.value,
+        "linears_per_activation_class": counts,
+        "seconds_per_step": compiled.report.seconds_per_step,
+        "perplexity": perplexity,
+    }
     if args.prompt:
-        print(args.prompt + _generate_from_folder(args.out, args.prompt, args.max_new_tokens, 0.0))
-    return 0
+        result["text"] = args.prompt + _generate_from_folder(args.out, args.prompt, args.max_new_tokens, 0.0)
+        if not args.json:
+            print(result["text"])
+    return result
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    import fptq_compile as fptq
+
+    job = _resolve_job(args)
+    calibration = _calibration_source(job.calibration.source)
+    loaded = fptq.load_model(job.model)
+    analysis = fptq.analyze(
+        loaded,
+        calibration,
+        job.compile,
+        num_samples=job.calibration.samples,
+        seq_len=job.calibration.seq_len,
+        progress=not args.quiet,
+    )
+    plan, errors = analysis.plan, analysis.activation_errors.sqnr_db
+    paths = {layer.node: layer.module_path for layer in plan.layers}
+    rows: list[dict[str, Any]] = [
+        {
+            "linears": [paths[node] for node in group.linears],
+            "activation_absmax": group.activation_absmax,
+            "activation_class": group.activation.kind.value,
+            "activation_sqnr_db": errors.get(group.input_node, {}).get("planned"),
+            "reason": group.reason,
+        }
+        for group in plan.groups
+    ]
+    if not args.json:
+        print(f"{'max|X|':>9}  {'class':<10}  {'SQNR dB':>7}  linears  (reason)")
+        for row in rows:
+            sqnr = "-" if row["activation_sqnr_db"] is None else f"{row['activation_sqnr_db']:.1f}"
+            names = ", ".join(row["linears"])
+            print(f"{row['activation_absmax']:9.3g}  {row['activation_class']:<10}  {sqnr:>7}  {names}")
+            print(f"{'':33}({row['reason']})")
+        for layer in plan.skipped:
+            print(f"{'':9}  {'float':<10}  {'-':>7}  {layer.module_path}  ({layer.reason})")
+        print(f"linears per activation class: {json.dumps(plan.activation_class_counts())}")
+    return {"model": loaded.source, "groups": rows, "summary": plan.summary(), "plan": plan.to_dict()}
+
+
+def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    import fptq_compile as fptq
+    from fptq_compile.saving import is_saved_compiled, load_compiled
+
+    if not args.ppl.is_file():
+        raise ConfigError(f"perplexity text {args.ppl} does not exist")
+    target = Path(args.target) if args.target else None
+    forward: Any
+    tokenizer: Any
+    if target is not None and target.is_dir() and (target / "model.onnx").is_file() and args.backend == "onnx":
+        from fptq_compile.runtime import OrtCausalLM
+
+        forward, tokenizer, kind = OrtCausalLM.load(target), AutoTokenizer.from_pretrained(target), "onnx"
+    elif target is not None and is_saved_compiled(target):
+        forward, tokenizer, kind = load_compiled(target), AutoTokenizer.from_pretrained(target), "compiled torch"
+    else:
+        loaded = fptq.load_model(args.target)
+        model = loaded.model
+        forward, tokenizer, kind = (lambda ids: model(input_ids=ids).logits), loaded.tokenizer, "float torch"
+    result = {
+        "target": args.target,
+        "model_kind": kind,
+        **_perplexity(forward, tokenizer, args.ppl, args.windows, not args.quiet),
+    }
+    if not args.json:
+        print(f"perplexity ({kind}, {result['windows']} windows): {result['perplexity']:.3f}")
+    return result
+
+
+def _perplexity(forward: Any, tokenizer: Any, text_file: Path, windows: int | None, progress: bool) -> dict[str, Any]:
+    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+
+    if windows is not None and windows < 1:
+        raise ConfigError(f"--windows must be at least 1, got {windows}")
+    measured = perplexity(forward, wikitext_token_ids(text_file, tokenizer), max_windows=windows, progress=progress)
+    return {"perplexity": measured.perplexity, "windows": measured.windows, "tokens": measured.predicted_tokens}
+
+
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    text = args.prompt + _generate_from_folder(args.folder, args.prompt, args.max_new_tokens, args.temperature)
+    if not args.json:
+        print(text)
+    return {"folder": str(args.folder), "text": text}
 
 
 def _generate_from_folder(folder: Path, prompt: str, max_new_tokens: int, temperature: float) -> str:
@@ -106,18 +346,46 @@ def _generate_from_folder(folder: Path, prompt: str, max_new_tokens: int, temper
     return generate_text(model, tokenizer, prompt, max_new_tokens, temperature)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            print(args.prompt + _generate_from_folder(args.folder, args.prompt, args.max_new_tokens, args.temperature))
-            return 0
-        return _compile(args)
-    except FptqError as error:
-        if args.debug:
-            raise
-        print(f"fptq: error: {error}", file=sys.stderr)
-        return 2
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fptq_compile.exporters import export_folder
+    from fptq_compile.job import RESOLVED_CONFIG_FILE
+    from fptq_compile.report import REPORT_JSON
+    from fptq_compile.saving import load_compiled
+
+    out = args.out or args.folder.with_name(f"{args.folder.name}-{args.format}")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output folder {out} exists; pass --overwrite to replace it")
+    compiled = load_compiled(args.folder)
+    has_tokenizer = any((args.folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(args.folder) if has_tokenizer else None
+    model_config = AutoConfig.from_pretrained(args.folder) if (args.folder / "config.json").is_file() else None
+    summary = _read_json(args.folder / REPORT_JSON).get("summary", {})
+    extra_files = {}
+    if (args.folder / RESOLVED_CONFIG_FILE).is_file():
+        job = _read_json(args.folder / RESOLVED_CONFIG_FILE)
+        job["export"] = {"layout": args.format}
+        extra_files[RESOLVED_CONFIG_FILE] = json.dumps(job, indent=1)
+    exported = export_folder(
+        compiled,
+        tokenizer,
+        out,
+        OnnxLayout(args.format),
+        overwrite=args.overwrite,
+        model_config=model_config,
+        report_fields={"model": summary.get("model"), "perplexity": summary.get("perplexity")},
+        extra_files=extra_files,
+    )
+    _status(args, f"wrote {out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {args.format})")
+    return {"out": str(out), "onnx_bytes": exported.file_bytes, "layout": args.format}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 if __name__ == "__main__":

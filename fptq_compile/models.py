@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from fptq_compile.errors import ModelLoadError
@@ -63,6 +64,8 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
             if looks_like_path:
                 raise ModelLoadError(f"model path {text} does not exist")
             path = None
+    if path is not None and path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
     if path is not None and path.is_file() and path.suffix != ".gguf":
         raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or a model folder")
     if path is not None and path.is_file():
@@ -82,6 +85,7 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
         TypeError,
         NotImplementedError,
         struct.error,
+        SafetensorError,
     ) as error:
         raise ModelLoadError(f"could not load a causal LM from {described}: {type(error).__name__}: {error}") from error
     model.eval()

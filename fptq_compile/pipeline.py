@@ -13,7 +13,15 @@ import torch
 from torch import fx, nn
 
 from fptq_compile.calibration import CalibrationSource, calibration_token_ids, run_calibration
-from fptq_compile.capture import CapturedModel, KVCache, KVCacheLayout, capture, logits, select_linears
+from fptq_compile.capture import (
+    CapturedModel,
+    KVCache,
+    KVCacheLayout,
+    capture,
+    logits,
+    model_limits,
+    select_linears,
+)
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError
 from fptq_compile.graph_utils import drop_unused_attributes
@@ -141,15 +149,15 @@ def _analyze(
         model = model.model
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
+    # Calibration tokens first: a bad source fails before the slow capture.
+    vocab_size, max_sequence_length = model_limits(model)
+    token_ids = calibration_token_ids(calibration, tokenizer, num_samples, seq_len, vocab_size, max_sequence_length)
     with steps.step("capture"):
         # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
         captured = capture(model)
     graph_module = captured.graph_module
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
     linears, skipped = select_linears(captured.linears, config)
-    token_ids = calibration_token_ids(
-        calibration, tokenizer, num_samples, seq_len, captured.vocab_size, captured.max_sequence_length
-    )
     with steps.step("calibration"):
         # Temporary observers measure per-channel max|X| of each linear input, then leave.
         insert_observers(graph_module, linears)

@@ -12,13 +12,13 @@ from fptq_compile.capture import CapturedModel, capture
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_llama(seed: int = 0, tie: bool = True, intermediate: int = 96) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tie: bool = True, intermediate: int = 96, layers: int = 2) -> LlamaForCausalLM:
     """A 2-layer, hidden-64 Llama with random weights (and non-trivial norm weights)."""
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -74,3 +74,110 @@ def lae_everywhere_config(stats, **weights):
     absmax = [s.tensor_absmax for s in stats.per_linear.values()]
     activations = ActivationConfig(static_threshold=min(absmax) / 2, dynamic_threshold=max(absmax) * 2)
     return CompileConfig(weights=WeightConfig(**({"group_size": 32} | weights)), activations=activations)
+
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "was",
+    "that",
+    "for",
+    "on",
+    "as",
+    "with",
+    "by",
+    "he",
+    "at",
+    "from",
+    "his",
+    "it",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "has",
+    "had",
+    "first",
+    "one",
+    "their",
+    "its",
+    "new",
+    "after",
+    "but",
+    "who",
+    "not",
+    "they",
+    "have",
+    "her",
+    "she",
+    "two",
+    "been",
+    "other",
+    "when",
+    "there",
+    "all",
+    "during",
+    "into",
+    "school",
+    "time",
+    "may",
+    "years",
+    "more",
+    "most",
+    "only",
+    "over",
+    "city",
+    "some",
+    "world",
+    "would",
+    "where",
+    "later",
+    "up",
+    "such",
+    "used",
+    "many",
+    "can",
+    "state",
+    "about",
+    "national",
+    "out",
+    "known",
+    "university",
+    "united",
+    "then",
+    "made",
+]
+
+
+def tiny_text(words: int, seed: int = 0) -> str:
+    """Random lines of the tiny tokenizer's words."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(words // 12 + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def write_tiny_model(folder: Path, layers: int = 2) -> Path:
+    """A tiny Llama checkpoint with a word-level tokenizer of <= 128 tokens, as a model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator([" ".join(WORDS)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(layers=layers)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder

@@ -38,12 +38,14 @@ def export_folder(
     overwrite: bool = False,
     model_config: Any = None,
     report_fields: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> OnnxExport:
     """Write the output folder described in the module docstring for ``compiled``.
 
     ``model_config`` is the model's Hugging Face config (for ``genai_config.json`` and
     ``config.json``); ``report_fields`` go into the report's summary (e.g. ``model``,
-    ``perplexity``). A failure leaves nothing under ``destination``.
+    ``perplexity``); ``extra_files`` maps more file names to their text. A failure leaves
+    nothing under ``destination``.
     """
     with atomic_directory(destination, overwrite=overwrite) as staging:
         result = export_onnx(compiled, staging / MODEL_FILE, layout)
@@ -56,6 +58,8 @@ def export_folder(
         save_compiled(compiled, staging)
         onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
         write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
     return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
 
 
