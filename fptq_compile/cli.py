@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.debug:
+        # torch.onnx's notes on optional packages and deprecations are not the user's concern.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
@@ -231,6 +238,7 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
         model_config=getattr(loaded.model, "config", None),
         report_fields={"model": loaded.source, "perplexity": perplexity},
         extra_files={RESOLVED_CONFIG_FILE: json.dumps(job_to_dict(job), indent=1)},
+        progress=not args.quiet,
     )
     _status(args, f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {job.export.layout.value})")
     result = {
@@ -376,6 +384,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         model_config=model_config,
         report_fields={"model": summary.get("model"), "perplexity": summary.get("perplexity")},
         extra_files=extra_files,
+        progress=not args.quiet,
     )
     _status(args, f"wrote {out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {args.format})")
     return {"out": str(out), "onnx_bytes": exported.file_bytes, "layout": args.format}

@@ -119,7 +119,8 @@ def plot_png(report: dict[str, Any]) -> bytes:
         Line2D([], [], color="black", linestyle="--", label=f"v1 = {v1:g}"),
     ]
     ranges.legend(handles=legend, fontsize=8, ncol=6, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
-    figure.suptitle(f"{report['summary'].get('model') or 'model'}: activation range and class per linear")
+    model = Path(str(report["summary"].get("model") or "model")).name
+    figure.suptitle(f"{model}: activation range and class per linear")
     for key, label, color in (
         ("weight_sqnr_db", "weight int4 SQNR", "#636363"),
         ("activation_sqnr_db", "activation int8 SQNR", "#e6550d"),
@@ -129,7 +130,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
             errors.plot(*zip(*points, strict=True), marker=".", linewidth=0.8, label=label, color=color)
     errors.set_ylabel("SQNR (dB)")
     errors.set_xlabel("linear, in execution order (ticks: first linear of each block)")
-    errors.legend(fontsize=8, loc="lower left")
+    errors.legend(fontsize=8, ncol=2, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
     firsts: dict[int, int] = {}
     for row in rows:
         if row["block"] is not None:

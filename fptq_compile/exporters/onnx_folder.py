@@ -24,6 +24,7 @@ from typing import Any
 from fptq_compile.exporters.onnx_qdq import OnnxExport, OnnxLayout, export_onnx
 from fptq_compile.io import atomic_directory
 from fptq_compile.pipeline import CompiledModel
+from fptq_compile.progress import StepProgress
 from fptq_compile.report import build_report, write_report
 from fptq_compile.saving import save_compiled
 
@@ -39,6 +40,7 @@ def export_folder(
     model_config: Any = None,
     report_fields: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, str] | None = None,
+    progress: bool = True,
 ) -> OnnxExport:
     """Write the output folder described in the module docstring for ``compiled``.
 
@@ -47,19 +49,25 @@ def export_folder(
     ``perplexity``); ``extra_files`` maps more file names to their text. A failure leaves
     nothing under ``destination``.
     """
+    steps = StepProgress("export", ("onnx", "tokenizer and configs", "compiled model", "report"), progress)
     with atomic_directory(destination, overwrite=overwrite) as staging:
-        result = export_onnx(compiled, staging / MODEL_FILE, layout)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if model_config is not None:
-            model_config.save_pretrained(staging)
-            genai = genai_config(compiled, model_config)
-            (staging / "genai_config.json").write_text(json.dumps(genai, indent=1), encoding="utf-8")
-        save_compiled(compiled, staging)
-        onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
-        write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
+        with steps.step("onnx"):
+            result = export_onnx(compiled, staging / MODEL_FILE, layout)
+        with steps.step("tokenizer and configs"):
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            if model_config is not None:
+                model_config.save_pretrained(staging)
+                genai = genai_config(compiled, model_config)
+                (staging / "genai_config.json").write_text(json.dumps(genai, indent=1), encoding="utf-8")
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text, encoding="utf-8")
+        with steps.step("compiled model"):
+            save_compiled(compiled, staging)
+        with steps.step("report"):
+            onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
+            write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
+    steps.close()
     return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
 
 
