@@ -200,6 +200,23 @@ def _calibration_source(source: str) -> Any:
     return text_file
 
 
+def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) -> tuple[Any, Any]:
+    """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on them."""
+    import fptq_compile as fptq
+
+    calibration = _calibration_source(job.calibration.source)
+    loaded = fptq.load_model(job.model)
+    result = step(
+        loaded,
+        calibration,
+        job.compile,
+        num_samples=job.calibration.samples,
+        seq_len=job.calibration.seq_len,
+        progress=not args.quiet,
+    )
+    return loaded, result
+
+
 # --- the commands ------------------------------------------------------------------
 
 
@@ -213,16 +230,7 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"output folder {args.out} exists; pass --overwrite to replace it")
     if args.ppl is not None and not args.ppl.is_file():
         raise ConfigError(f"perplexity text {args.ppl} does not exist")
-    calibration = _calibration_source(job.calibration.source)
-    loaded = fptq.load_model(job.model)
-    compiled = fptq.compile(
-        loaded,
-        calibration,
-        job.compile,
-        num_samples=job.calibration.samples,
-        seq_len=job.calibration.seq_len,
-        progress=not args.quiet,
-    )
+    loaded, compiled = _load_and_run(args, job, fptq.compile)
     counts = compiled.plan.activation_class_counts()
     _status(args, f"compiled {loaded.source}: linears per activation class {json.dumps(counts)}")
     perplexity = None
@@ -260,17 +268,7 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     import fptq_compile as fptq
 
-    job = _resolve_job(args)
-    calibration = _calibration_source(job.calibration.source)
-    loaded = fptq.load_model(job.model)
-    analysis = fptq.analyze(
-        loaded,
-        calibration,
-        job.compile,
-        num_samples=job.calibration.samples,
-        seq_len=job.calibration.seq_len,
-        progress=not args.quiet,
-    )
+    loaded, analysis = _load_and_run(args, _resolve_job(args), fptq.analyze)
     plan, errors = analysis.plan, analysis.activation_errors.sqnr_db
     paths = {layer.node: layer.module_path for layer in plan.layers}
     rows: list[dict[str, Any]] = [
