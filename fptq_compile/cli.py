@@ -11,6 +11,8 @@ stderr and exit with 2 (bad input) or 1 (a failure while running).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -202,10 +204,9 @@ def _calibration_source(source: str) -> Any:
 
 def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) -> tuple[Any, Any]:
     """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on them."""
-    import fptq_compile as fptq
 
     calibration = _calibration_source(job.calibration.source)
-    loaded = fptq.load_model(job.model)
+    loaded = _load_model(args, job.model)
     result = step(
         loaded,
         calibration,
@@ -215,6 +216,14 @@ def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) 
         progress=not args.quiet,
     )
     return loaded, result
+
+
+def _load_model(args: argparse.Namespace, source: str | None) -> Any:
+    """``load_model``; with --quiet, without the progress bar transformers' GGUF reader always shows."""
+    import fptq_compile as fptq
+
+    with contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
+        return fptq.load_model(source)
 
 
 # --- the commands ------------------------------------------------------------------
@@ -297,7 +306,6 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    import fptq_compile as fptq
     from fptq_compile.saving import is_saved_compiled, load_compiled
 
     if not args.ppl.is_file():
@@ -312,7 +320,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     elif target is not None and is_saved_compiled(target):
         forward, tokenizer, kind = load_compiled(target), AutoTokenizer.from_pretrained(target), "compiled torch"
     else:
-        loaded = fptq.load_model(args.target)
+        loaded = _load_model(args, args.target)
         model = loaded.model
         forward, tokenizer, kind = (lambda ids: model(input_ids=ids).logits), loaded.tokenizer, "float torch"
     result = {
