@@ -79,7 +79,7 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
             raise ExportError(f"the compiled graph holds {name!r} of type {type(value).__name__}, not a tensor")
         tensor = value.detach()
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if identity in stored_by_identity:  # a tied weight: store it once
+        if tensor.numel() and identity in stored_by_identity:  # a tied weight: store it once
             aliases[name] = stored_by_identity[identity]
             continue
         stored_by_identity[identity] = name
