@@ -11,7 +11,10 @@ Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512
 calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
-    python benchmarks/quality.py [--windows 40] [--json PATH]
+    python benchmarks/quality.py [--windows 40] [--group-size 128] [--asymmetric] [--tasks] [--rows ...] [--json PATH]
+
+``--tasks`` adds LAMBADA (OpenAI, first 1000 texts, last-word greedy accuracy) and PIQA
+(validation, zero-shot, per-byte log-likelihood) for every row.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 ROWS = {
     "float": None,
     "w4a8_all_static": "all_static",
     "w4a8_all_dynamic": "all_dynamic",
     "w4a8_fptq": "fptq",
     "w4a16": "weight_only",
+    "w4a8_error_driven": "error_driven",
 }
 
 
-def run_row(name: str, windows: int, group_size: int) -> dict:
+def run_row(
+    name: str, windows: int, group_size: int, symmetric: bool, clip: bool, tasks: bool, lambada_limit: int
+) -> dict:
     import torch
 
     import fptq_compile as fptq
@@ -53,7 +60,7 @@ def run_row(name: str, windows: int, group_size: int) -> dict:
         forward = lambda ids: loaded.model(input_ids=ids, use_cache=False).logits  # noqa: E731
     else:
         config = fptq.CompileConfig(
-            weights=fptq.WeightConfig(group_size=group_size),
+            weights=fptq.WeightConfig(group_size=group_size, symmetric=symmetric, clip_ratios=CLIP_RATIOS * clip),
             activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
         )
         if name == "w4a8_fptq":
@@ -81,6 +88,19 @@ def run_row(name: str, windows: int, group_size: int) -> dict:
     row["eval_seconds"] = round(time.perf_counter() - start, 2)
     row["perplexity"] = round(result.perplexity, 3)
     row["windows"] = result.windows
+    if tasks:
+        from fptq_compile.evaluate import lambada_accuracy, piqa_accuracy
+
+        start = time.perf_counter()
+        lambada = lambada_accuracy(
+            forward, loaded.tokenizer, DATA / "lambada" / "lambada_test.jsonl", limit=lambada_limit, progress=False
+        )
+        piqa = piqa_accuracy(
+            forward, loaded.tokenizer, DATA / "piqa" / "valid.jsonl", DATA / "piqa" / "valid-labels.lst", progress=False
+        )
+        row["tasks_seconds"] = round(time.perf_counter() - start, 2)
+        row["lambada_accuracy"], row["lambada_examples"] = round(lambada.accuracy, 4), lambada.examples
+        row["piqa_accuracy"], row["piqa_examples"] = round(piqa.accuracy, 4), piqa.examples
     row["peak_rss_gb"] = round(peak_rss_bytes() / 1e9, 3)
     return row
 
@@ -96,35 +116,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric int4 weight groups")
+    parser.add_argument("--clip", action="store_true", help=f"MSE-searched weight clipping over {CLIP_RATIOS}")
+    parser.add_argument("--tasks", action="store_true", help="also LAMBADA and PIQA accuracy (slow)")
+    parser.add_argument("--lambada-limit", type=int, default=1000, help="first N LAMBADA texts (default 1000)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(run_row(args.row, args.windows, args.group_size)))
+        settings = (not args.asymmetric, args.clip, args.tasks, args.lambada_limit)
+        row = run_row(args.row, args.windows, args.group_size, *settings)
+        print(json.dumps(row))
         return
     rows = []
-    for name in ROWS:
+    for name in args.rows:
         command = [sys.executable, __file__, "--row", name, "--windows", str(args.windows)]
-        command += ["--group-size", str(args.group_size)]
+        command += ["--group-size", str(args.group_size), "--lambada-limit", str(args.lambada_limit)]
+        command += ["--asymmetric"] * args.asymmetric + ["--clip"] * args.clip + ["--tasks"] * args.tasks
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
         print(_line(row), flush=True)
-    fptq_row = next(r for r in rows if r["row"] == "w4a8_fptq")
-    budget = 1.5 * fptq_row["float_forward_seconds"] + 20
-    summary = {
-        "group_size": args.group_size,
-        "windows": args.windows,
-        "rows": rows,
-        "fptq_compile_seconds": fptq_row["compile_seconds"],
-        "float_forward_seconds_same_tokens": fptq_row["float_forward_seconds"],
-        "compile_budget_seconds": round(budget, 2),
-        "compile_within_budget": fptq_row["compile_seconds"] <= budget,
-    }
-    print(
-        f"FPTQ compile {fptq_row['compile_seconds']} s vs float forward {fptq_row['float_forward_seconds']} s "
-        f"over the same tokens: budget 1.5 x forward + 20 s = {budget:.1f} s"
-    )
+    summary: dict = {"group_size": args.group_size, "symmetric": not args.asymmetric, "clip": args.clip}
+    summary["windows"] = args.windows
+    summary["rows"] = rows
+    fptq_row = next((r for r in rows if r["row"] == "w4a8_fptq"), None)
+    if fptq_row is not None:
+        budget = 1.5 * fptq_row["float_forward_seconds"] + 20
+        summary["fptq_compile_seconds"] = fptq_row["compile_seconds"]
+        summary["float_forward_seconds_same_tokens"] = fptq_row["float_forward_seconds"]
+        summary["compile_budget_seconds"] = round(budget, 2)
+        summary["compile_within_budget"] = fptq_row["compile_seconds"] <= budget
+        print(
+            f"FPTQ compile {fptq_row['compile_seconds']} s vs float forward {fptq_row['float_forward_seconds']} s "
+            f"over the same tokens: budget 1.5 x forward + 20 s = {budget:.1f} s"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(f"wrote {args.json}")
@@ -132,6 +159,8 @@ def main() -> None:
 
 def _line(row: dict) -> str:
     parts = [f"{row['row']:<18} PPL {row['perplexity']:>8.3f}"]
+    if "lambada_accuracy" in row:
+        parts.append(f"LAMBADA {100 * row['lambada_accuracy']:.1f}% PIQA {100 * row['piqa_accuracy']:.1f}%")
     if "plan" in row:
         parts.append(f"linears {row['plan']}")
         parts.append(f"compile {row['compile_seconds']:>6.1f} s")

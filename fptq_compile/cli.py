@@ -278,14 +278,14 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     import fptq_compile as fptq
 
     loaded, analysis = _load_and_run(args, _resolve_job(args), fptq.analyze)
-    plan, errors = analysis.plan, analysis.activation_errors.sqnr_db
+    plan = analysis.plan
     paths = {layer.node: layer.module_path for layer in plan.layers}
     rows: list[dict[str, Any]] = [
         {
             "linears": [paths[node] for node in group.linears],
             "activation_absmax": group.activation_absmax,
             "activation_class": group.activation.kind.value,
-            "activation_sqnr_db": errors.get(group.input_node, {}).get("planned"),
+            "activation_sqnr_db": (group.candidate_sqnr_db or {}).get(group.candidate or ""),
             "reason": group.reason,
         }
         for group in plan.groups

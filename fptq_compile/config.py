@@ -29,6 +29,10 @@ class ActivationPolicy(enum.Enum):
     """Every activation int8 per-token dynamic."""
     WEIGHT_ONLY = "weight_only"
     """Activations stay float (W4A16)."""
+    ERROR_DRIVEN = "error_driven"
+    """Per group, the cheapest candidate whose int8 error measured on calibration data meets
+    ``min_sqnr_db`` (static, clipped static, LAE + static, then per-token dynamic), keeping at
+    least ``min_static_fraction`` of the linears static."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,12 @@ class WeightConfig:
 
     group_size: int = 128
     symmetric: bool = True
+    clip_ratios: tuple[float, ...] = ()
+    """Also try each group's range shrunk to these fractions; keep the smallest-error one."""
 
     def __post_init__(self) -> None:
+        if not all(isinstance(r, float) and 0 < r < 1 for r in self.clip_ratios):
+            raise ConfigError(f"weights.clip_ratios must be numbers in (0, 1), got {self.clip_ratios!r}")
         size = self.group_size
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):
             raise ConfigError(f"weights.group_size must be a positive power of two, got {size!r}")
@@ -53,11 +61,21 @@ class ActivationConfig:
     dynamic_threshold: float = 150.0
     use_lae: bool = True
     """False: LAE candidates (v0 < max|X| <= v1) go per-token dynamic, as when no norm folds."""
+    clip_ratios: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)
+    """Static candidates besides the calibrated max|X|: scales clipped to these fractions of it."""
+    min_sqnr_db: float = 25.0
+    """error_driven: the activation SQNR a static candidate must reach to be chosen."""
+    min_static_fraction: float = 0.5
+    """error_driven: the share of quantized linears kept on static activations, at least."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, ActivationPolicy):
             allowed = ", ".join(p.value for p in ActivationPolicy)
             raise ConfigError(f"activations.policy must be one of {allowed}, got {self.policy!r}")
+        if not all(isinstance(r, float) and 0 < r < 1 for r in self.clip_ratios):
+            raise ConfigError(f"activations.clip_ratios must be numbers in (0, 1), got {self.clip_ratios!r}")
+        if not 0 <= self.min_static_fraction <= 1:
+            raise ConfigError(f"activations.min_static_fraction must lie in [0, 1], got {self.min_static_fraction!r}")
         if not 0 < self.static_threshold < self.dynamic_threshold:
             raise ConfigError(
                 "activations.static_threshold (v0) and dynamic_threshold (v1) must satisfy 0 < v0 < v1, got "
@@ -95,12 +113,16 @@ class CompileConfig:
             raise ConfigError(f"calibration_batch_size must be a positive integer, got {self.calibration_batch_size!r}")
         if not isinstance(self.error_samples, int) or self.error_samples < 0:
             raise ConfigError(f"error_samples must be a non-negative integer, got {self.error_samples!r}")
+        if self.activations.policy is ActivationPolicy.ERROR_DRIVEN and self.error_samples == 0:
+            raise ConfigError("activations.policy error_driven measures errors: error_samples must be at least 1")
 
 
 def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     """The config as plain JSON-ready data (enums by value)."""
     data = dataclasses.asdict(config)
     data["activations"]["policy"] = config.activations.policy.value
+    data["activations"]["clip_ratios"] = list(config.activations.clip_ratios)
+    data["weights"]["clip_ratios"] = list(config.weights.clip_ratios)
     data["include"], data["ignore"] = list(config.include), list(config.ignore)
     return data
 

@@ -26,7 +26,7 @@ from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError
 from fptq_compile.graph_utils import drop_unused_attributes
 from fptq_compile.models import LoadedModel
-from fptq_compile.passes.analyze_sensitivity import analyze_sensitivity
+from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
 from fptq_compile.passes.insert_observers import (
@@ -37,7 +37,6 @@ from fptq_compile.passes.insert_observers import (
 )
 from fptq_compile.passes.insert_w4a8_qdq import insert_w4a8_qdq
 from fptq_compile.passes.measure_activation_error import (
-    ActivationErrors,
     insert_error_probes,
     read_activation_errors,
     remove_error_probes,
@@ -59,8 +58,6 @@ class CompileReport:
     calibration_tokens: int
     peak_rss_bytes: int
     linear_weight_bytes: dict[str, int] = field(default_factory=dict)
-    activation_sqnr_db: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per activation group: SQNR of its int8 activations (planned, static, dynamic)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,13 +103,13 @@ class Analysis:
 
     captured: CapturedModel
     plan: QuantPlan
+    """Each group records its candidates' measured int8 SQNR (``candidate_sqnr_db``)."""
     stats: ActivationStats
-    activation_errors: ActivationErrors
     calibration_tokens: int
     seconds_per_step: dict[str, float]
 
 
-_ANALYSIS_STEPS = ("capture", "calibration", "analyze_sensitivity", "measure_activation_error")
+_ANALYSIS_STEPS = ("capture", "calibration", "measure_activation_error", "analyze_sensitivity")
 
 
 def analyze(
@@ -164,18 +161,18 @@ def _analyze(
         run_calibration(captured.logits, token_ids, config.calibration_batch_size, steps.enabled)
         stats = read_activation_stats(graph_module)
         remove_observers(graph_module)
-    with steps.step("analyze_sensitivity"):
-        # FPTQ policy per activation group: static / LAE + static / per-token dynamic.
-        plan = analyze_sensitivity(graph_module, linears, skipped, stats, config)
     with steps.step("measure_activation_error"):
-        # Temporary probes measure each group's int8 error on a few calibration sequences.
-        errors = ActivationErrors({})
+        # Temporary probes measure every candidate's int8 error on a few calibration sequences.
+        errors = None
         if config.error_samples:
-            insert_error_probes(graph_module, plan)
+            insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
             run_calibration(captured.logits, token_ids[: config.error_samples], config.calibration_batch_size, False)
             errors = read_activation_errors(graph_module)
             remove_error_probes(graph_module)
-    return Analysis(captured, plan, stats, errors, int(token_ids.numel()), steps.seconds)
+    with steps.step("analyze_sensitivity"):
+        # The policy per activation group: static / LAE + static / per-token dynamic.
+        plan = analyze_sensitivity(graph_module, linears, skipped, stats, config, errors)
+    return Analysis(captured, plan, stats, int(token_ids.numel()), steps.seconds)
 
 
 def compile(
@@ -220,7 +217,6 @@ def compile(
         calibration_tokens=analysis.calibration_tokens,
         peak_rss_bytes=peak_rss_bytes(),
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
-        activation_sqnr_db={group: dict(errors) for group, errors in analysis.activation_errors.sqnr_db.items()},
     )
     return CompiledModel(graph_module, plan, report, analysis.captured.kv_layout, config)
 

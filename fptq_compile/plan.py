@@ -49,6 +49,7 @@ class WeightSpec:
     bits: int
     group_size: int
     symmetric: bool
+    clip_ratios: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class ActivationGroup:
     reason: str
     fold: FoldTarget | None = None
     lae_scale: tuple[float, ...] | None = None
+    candidate: str | None = None
+    """The measured candidate this decision is (a key of ``candidate_sqnr_db``), if measured."""
+    candidate_sqnr_db: dict[str, float] | None = None
+    """The int8 SQNR (dB) of every candidate measured on calibration data, by name."""
 
     def __post_init__(self) -> None:
         uses_lae = self.activation.kind is ActivationClass.LAE_STATIC
@@ -163,7 +168,7 @@ class QuantPlan:
                 {
                     "node": layer.node,
                     "module_path": layer.module_path,
-                    "weight": vars(layer.weight).copy(),
+                    "weight": {**vars(layer.weight), "clip_ratios": list(layer.weight.clip_ratios)},
                     "input_node": layer.input_node,
                 }
                 for layer in self.layers
@@ -186,7 +191,9 @@ class QuantPlan:
                     LayerPlan(
                         node=layer["node"],
                         module_path=layer["module_path"],
-                        weight=WeightSpec(**layer["weight"]),
+                        weight=WeightSpec(
+                            **{**layer["weight"], "clip_ratios": tuple(layer["weight"].get("clip_ratios", ()))}
+                        ),
                         input_node=layer["input_node"],
                     )
                     for layer in data["layers"]
@@ -219,6 +226,8 @@ def _group_to_dict(group: ActivationGroup) -> dict[str, Any]:
         "reason": group.reason,
         "fold": None if fold is None else {"kind": fold.kind.value, "node": fold.node, "module_path": fold.module_path},
         "lae_scale": None if group.lae_scale is None else list(group.lae_scale),
+        "candidate": group.candidate,
+        "candidate_sqnr_db": group.candidate_sqnr_db,
     }
 
 
@@ -235,4 +244,6 @@ def _group_from_dict(data: dict[str, Any]) -> ActivationGroup:
         reason=data["reason"],
         fold=None if fold is None else FoldTarget(FoldKind(fold["kind"]), fold["node"], fold["module_path"]),
         lae_scale=None if data["lae_scale"] is None else tuple(float(v) for v in data["lae_scale"]),
+        candidate=data.get("candidate"),
+        candidate_sqnr_db=data.get("candidate_sqnr_db"),
     )

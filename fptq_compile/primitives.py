@@ -11,6 +11,7 @@ numbers are defined once. Conventions (those of DESIGN.md §6, compressed-tensor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,32 +91,60 @@ def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return padded.reshape(out_features, n_groups, group_size)
 
 
-def quantize_int4_groups(weight: torch.Tensor, group_size: int, symmetric: bool = True) -> Int4Groups:
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int, symmetric: bool = True, clip_ratios: Sequence[float] = ()
+) -> Int4Groups:
     """Round-to-nearest int4 quantization of ``weight [N, K]`` in groups along K.
 
-    Zero padding of a partial last group never changes its range: symmetric groups use
-    absmax, asymmetric groups always include zero in their range.
+    With ``clip_ratios``, each group's range is also tried shrunk to each of those
+    fractions, and each group keeps the one whose dequantized values have the smallest
+    squared error (MSE-searched clipping). Zero padding of a partial last group never
+    changes its range: symmetric groups use absmax, asymmetric ranges always include zero.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
     weight = weight.detach().to(torch.float32)
+    best = _quantize_int4_clipped(weight, group_size, symmetric, 1.0)
+    if not clip_ratios:
+        return best
+    best_error = _group_squared_error(weight, best)
+    for ratio in clip_ratios:
+        candidate = _quantize_int4_clipped(weight, group_size, symmetric, ratio)
+        error = _group_squared_error(weight, candidate)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        codes = torch.where(_expand_groups(better, group_size, weight.shape[1]), candidate.codes, best.codes)
+        zero_point = None
+        if best.zero_point is not None and candidate.zero_point is not None:
+            zero_point = torch.where(better, candidate.zero_point, best.zero_point)
+        best = Int4Groups(codes, torch.where(better, candidate.scale, best.scale), zero_point, group_size)
+    return best
+
+
+def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: bool, ratio: float) -> Int4Groups:
     grouped = _group_view(weight, group_size)
     in_features = weight.shape[1]
     if symmetric:
-        absmax = grouped.abs().amax(dim=-1)
+        absmax = grouped.abs().amax(dim=-1) * ratio
         scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR
         codes = quantize_symmetric(weight, _expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
         return Int4Groups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
-    group_min = torch.clamp(grouped.amin(dim=-1), max=0.0)
-    group_max = torch.clamp(grouped.amax(dim=-1), min=0.0)
+    group_min = torch.clamp(grouped.amin(dim=-1), max=0.0) * ratio
+    group_max = torch.clamp(grouped.amax(dim=-1), min=0.0) * ratio
     scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
     zero_point = torch.clamp(torch.round(INT4_MIN - group_min / scale), INT4_MIN, INT4_MAX).to(torch.int8)
     full_scale = _expand_groups(scale, group_size, in_features)
     full_zero_point = _expand_groups(zero_point, group_size, in_features).to(torch.float32)
     codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
     return Int4Groups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
+
+
+def _group_squared_error(weight: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
+    """Per group ``[N, n_groups]``: the squared error of the dequantized weight."""
+    restored = dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
+    return _group_view((restored - weight).square(), groups.group_size).sum(dim=-1)
 
 
 def dequantize_int4_groups(

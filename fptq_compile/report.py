@@ -40,7 +40,7 @@ def build_report(
     rows = []
     for index, layer in enumerate(plan.layers):
         group = plan.group_of(layer)
-        activation_sqnr = compile_report.activation_sqnr_db.get(group.input_node, {})
+        measured = group.candidate_sqnr_db or {}
         block = _BLOCK.search(f".{layer.module_path}.")
         rows.append(
             {
@@ -53,9 +53,10 @@ def build_report(
                 "reason": group.reason,
                 "lae_scale_range": None if group.lae_scale is None else [min(group.lae_scale), max(group.lae_scale)],
                 "weight_sqnr_db": weight_sqnr.get(layer.node),
-                "activation_sqnr_db": activation_sqnr.get("planned"),
-                "activation_sqnr_db_if_static": activation_sqnr.get("static"),
-                "activation_sqnr_db_if_dynamic": activation_sqnr.get("dynamic"),
+                "activation_sqnr_db": measured.get(group.candidate) if group.candidate else None,
+                "activation_candidate": group.candidate,
+                "activation_sqnr_db_if_static": measured.get("static"),
+                "activation_sqnr_db_if_dynamic": measured.get("dynamic"),
             }
         )
     weight_bytes = compile_report.linear_weight_bytes

@@ -73,3 +73,20 @@ def test_equalized_absmax_is_exact():
     channel_absmax = x.abs().amax(0)
     scale = primitives.log_equalization_scale(channel_absmax)
     assert primitives.equalized_absmax(channel_absmax, scale) == pytest.approx(float((x / scale).abs().max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_loses_to_the_full_range_and_wins_on_gaussian_weights(symmetric):
+    from fptq_compile.primitives import _group_view, dequantize_int4_groups, quantize_int4_groups
+
+    weight = torch.randn(32, 200, generator=torch.Generator().manual_seed(0))
+
+    def group_errors(groups):
+        restored = dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, 64)
+        return _group_view((restored - weight).square(), 64).sum(-1)
+
+    full = group_errors(quantize_int4_groups(weight, 64, symmetric))
+    searched = quantize_int4_groups(weight, 64, symmetric, clip_ratios=(0.9, 0.8, 0.7))
+    assert searched.codes.min() >= -8 and searched.codes.max() <= 7
+    assert bool((group_errors(searched) <= full).all())
+    assert float(group_errors(searched).sum()) < float(full.sum())

@@ -17,7 +17,10 @@ Every decision records its statistic and its reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -27,6 +30,7 @@ from fptq_compile.config import ActivationPolicy, CompileConfig
 from fptq_compile.errors import CalibrationError
 from fptq_compile.graph_utils import fetch_tensor, find_node
 from fptq_compile.passes.insert_observers import ActivationStats
+from fptq_compile.passes.measure_activation_error import ActivationErrors, Candidate, GroupCandidates
 from fptq_compile.plan import (
     ActivationClass,
     ActivationGroup,
@@ -50,18 +54,26 @@ def analyze_sensitivity(
     skipped: Sequence[SkippedLayer],
     stats: ActivationStats,
     config: CompileConfig,
+    errors: ActivationErrors | None = None,
 ) -> QuantPlan:
-    """The plan for ``linears`` under ``config``'s activation policy."""
-    weight = WeightSpec(bits=4, group_size=config.weights.group_size, symmetric=config.weights.symmetric)
-    by_input: dict[str, list[LinearSite]] = {}
-    for site in linears:
-        by_input.setdefault(site.input_node, []).append(site)
+    """The plan for ``linears`` under ``config``'s activation policy.
+
+    ``errors`` are the measured SQNRs of :func:`activation_candidates` (needed by the
+    ``error_driven`` policy; with any policy, the plan records them).
+    """
+    if config.activations.policy is ActivationPolicy.ERROR_DRIVEN and errors is None:
+        raise CalibrationError("the error_driven policy needs measured candidate errors")
+    weights = config.weights
+    weight = WeightSpec(4, weights.group_size, weights.symmetric, weights.clip_ratios)
     groups = []
-    for input_node, members in by_input.items():
+    for input_node, members in _groups_of(linears).items():
         missing = [site.node for site in members if site.node not in stats.per_linear]
         if missing:
             raise CalibrationError(f"no calibration statistics for {', '.join(missing)} ({members[0].module_path})")
-        groups.append(_decide(graph_module, input_node, members, stats, config))
+        measured = None if errors is None else errors.sqnr_db.get(input_node)
+        groups.append(_decide(graph_module, input_node, members, stats, config, measured))
+    if config.activations.policy is ActivationPolicy.ERROR_DRIVEN:
+        groups = _keep_static_share(groups, config)
     layers = tuple(LayerPlan(site.node, site.module_path, weight, site.input_node) for site in linears)
     return QuantPlan(
         policy=config.activations.policy.value,
@@ -73,49 +85,182 @@ def analyze_sensitivity(
     )
 
 
+STATIC, LAE_STATIC, DYNAMIC = "static", "lae_static", "dynamic"
+
+
+def _clip_name(ratio: float) -> str:
+    return f"static_clip_{ratio:g}"
+
+
+def _static_ratios(config: CompileConfig) -> dict[str, float]:
+    """The static candidates by name, each with its fraction of the calibrated max|X|."""
+    return {STATIC: 1.0, **{_clip_name(r): r for r in config.activations.clip_ratios}}
+
+
+def activation_candidates(
+    graph_module: fx.GraphModule, linears: Sequence[LinearSite], stats: ActivationStats, config: CompileConfig
+) -> tuple[GroupCandidates, ...]:
+    """Per activation group, the ways to quantize its input that a policy can choose from.
+
+    ``static`` (scale from the calibrated max|X|), ``static_clip_<r>`` (that scale times r
+    for each of ``clip_ratios``), ``lae_static`` (when a norm folds the LAE scale and LAE is
+    enabled) and ``dynamic`` (per token).
+    """
+    candidates = []
+    for input_node, members in _groups_of(linears).items():
+        channel_absmax = stats[members[0].node].channel_absmax
+        static_scale = float(int8_scale_from_absmax(float(channel_absmax.max())))
+        options = {name: Candidate(static_scale * ratio) for name, ratio in _static_ratios(config).items()}
+        names = tuple(site.node for site in members)
+        fold, _ = find_fold_target(graph_module, input_node, names)
+        if fold is not None and config.activations.use_lae:
+            lae_scale = log_equalization_scale(channel_absmax)
+            scale = float(int8_scale_from_absmax(equalized_absmax(channel_absmax, lae_scale)))
+            options[LAE_STATIC] = Candidate(scale, tuple(float(v) for v in lae_scale.tolist()))
+        options[DYNAMIC] = Candidate()
+        candidates.append(GroupCandidates(input_node, names, options))
+    return tuple(candidates)
+
+
+def _groups_of(linears: Sequence[LinearSite]) -> dict[str, list[LinearSite]]:
+    by_input: dict[str, list[LinearSite]] = {}
+    for site in linears:
+        by_input.setdefault(site.input_node, []).append(site)
+    return by_input
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One activation group being decided, and the ways to write the decision down."""
+
+    input_node: str
+    linears: tuple[str, ...]
+    channel_absmax: torch.Tensor
+    measured: Mapping[str, float] | None
+
+    @property
+    def absmax(self) -> float:
+        return float(self.channel_absmax.max())
+
+    def _group(self, spec: ActivationSpec, reason: str, candidate: str | None, **lae: Any) -> ActivationGroup:
+        measured = None if self.measured is None else dict(self.measured)
+        return ActivationGroup(
+            self.input_node,
+            self.linears,
+            self.absmax,
+            spec,
+            reason,
+            candidate=candidate,
+            candidate_sqnr_db=measured,
+            **lae,
+        )
+
+    def static(self, reason: str, ratio: float = 1.0) -> ActivationGroup:
+        spec = ActivationSpec(ActivationClass.STATIC, scale=float(int8_scale_from_absmax(self.absmax)) * ratio)
+        return self._group(spec, reason, STATIC if ratio == 1.0 else _clip_name(ratio))
+
+    def dynamic(self, reason: str) -> ActivationGroup:
+        return self._group(ActivationSpec(ActivationClass.DYNAMIC), reason, DYNAMIC)
+
+    def weight_only(self, reason: str) -> ActivationGroup:
+        return self._group(ActivationSpec(ActivationClass.FLOAT), reason, None)
+
+    def lae(self, fold: FoldTarget, reason: str) -> ActivationGroup:
+        lae_scale = log_equalization_scale(self.channel_absmax)
+        equalized = equalized_absmax(self.channel_absmax, lae_scale)
+        spec = ActivationSpec(ActivationClass.LAE_STATIC, scale=float(int8_scale_from_absmax(equalized)))
+        where = fold.module_path or fold.node
+        reason += f"; LAE folded into {fold.kind.value} {where} (max|X| after = {equalized:.3g})"
+        scale = tuple(float(v) for v in lae_scale.tolist())
+        return self._group(spec, reason, LAE_STATIC, fold=fold, lae_scale=scale)
+
+
 def _decide(
     graph_module: fx.GraphModule,
     input_node: str,
     members: Sequence[LinearSite],
     stats: ActivationStats,
     config: CompileConfig,
+    measured: Mapping[str, float] | None,
 ) -> ActivationGroup:
-    channel_absmax = stats[members[0].node].channel_absmax
-    absmax = float(channel_absmax.max())
-    names = tuple(site.node for site in members)
-    policy = config.activations.policy
+    group = _Group(input_node, tuple(site.node for site in members), stats[members[0].node].channel_absmax, measured)
+    absmax, policy = group.absmax, config.activations.policy
     v0, v1 = config.activations.static_threshold, config.activations.dynamic_threshold
-
-    def static(reason: str) -> ActivationGroup:
-        spec = ActivationSpec(ActivationClass.STATIC, scale=float(int8_scale_from_absmax(absmax)))
-        return ActivationGroup(input_node, names, absmax, spec, reason)
-
-    def dynamic(reason: str) -> ActivationGroup:
-        return ActivationGroup(input_node, names, absmax, ActivationSpec(ActivationClass.DYNAMIC), reason)
-
     if policy is ActivationPolicy.WEIGHT_ONLY:
-        return ActivationGroup(input_node, names, absmax, ActivationSpec(ActivationClass.FLOAT), "weight-only policy")
+        return group.weight_only("weight-only policy")
     if policy is ActivationPolicy.ALL_STATIC:
-        return static("all-static policy")
+        return group.static("all-static policy")
     if policy is ActivationPolicy.ALL_DYNAMIC:
-        return dynamic("all-dynamic policy")
+        return group.dynamic("all-dynamic policy")
+    if policy is ActivationPolicy.ERROR_DRIVEN:
+        return _decide_by_error(graph_module, group, config)
     if absmax <= v0:
-        return static(f"max|X| = {absmax:.3g} <= v0 = {v0:g}: per-tensor static")
+        return group.static(f"max|X| = {absmax:.3g} <= v0 = {v0:g}: per-tensor static")
     if absmax > v1:
-        return dynamic(f"max|X| = {absmax:.3g} > v1 = {v1:g}: per-token dynamic")
+        return group.dynamic(f"max|X| = {absmax:.3g} > v1 = {v1:g}: per-token dynamic")
     if not config.activations.use_lae:
-        return dynamic(f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE disabled by config: per-token dynamic")
-    fold, refusal = find_fold_target(graph_module, input_node, names)
+        return group.dynamic(
+            f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE disabled by config: per-token dynamic"
+        )
+    fold, refusal = find_fold_target(graph_module, input_node, group.linears)
     if fold is None:
-        return dynamic(f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE candidate but {refusal}: per-token dynamic")
-    lae_scale = log_equalization_scale(channel_absmax)
-    equalized = equalized_absmax(channel_absmax, lae_scale)
-    spec = ActivationSpec(ActivationClass.LAE_STATIC, scale=float(int8_scale_from_absmax(equalized)))
-    reason = (
-        f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}: LAE folded into {fold.kind.value} "
-        f"{fold.module_path or fold.node} (max|X| after = {equalized:.3g}), then per-tensor static"
-    )
-    return ActivationGroup(input_node, names, absmax, spec, reason, fold, tuple(float(v) for v in lae_scale.tolist()))
+        reason = f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE candidate but {refusal}: per-token dynamic"
+        return group.dynamic(reason)
+    return group.lae(fold, f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}: per-tensor static")
+
+
+def _decide_by_error(graph_module: fx.GraphModule, group: _Group, config: CompileConfig) -> ActivationGroup:
+    """The cheapest measured candidate that reaches ``min_sqnr_db``: static (best clipping),
+    then LAE + static, else per-token dynamic."""
+    measured = group.measured
+    if measured is None:
+        raise CalibrationError(f"group {group.input_node}: the error_driven policy needs its measured errors")
+    target = config.activations.min_sqnr_db
+    ratios = _static_ratios(config)
+    best_static = max(ratios, key=lambda name: measured[name])
+    if measured[best_static] >= target:
+        reason = f"{best_static} SQNR {measured[best_static]:.1f} dB >= {target:g} dB: per-tensor static"
+        return group.static(reason, ratios[best_static])
+    lae_sqnr = measured.get(LAE_STATIC)
+    if lae_sqnr is not None and lae_sqnr >= target:
+        fold, _ = find_fold_target(graph_module, group.input_node, group.linears)
+        if fold is not None:
+            reason = (
+                f"LAE + static SQNR {lae_sqnr:.1f} dB >= {target:g} dB (best static {measured[best_static]:.1f} dB)"
+            )
+            return group.lae(fold, reason)
+    reason = f"best static SQNR {measured[best_static]:.1f} dB"
+    reason += "" if lae_sqnr is None else f", LAE + static {lae_sqnr:.1f} dB"
+    return group.dynamic(f"{reason} < {target:g} dB: per-token dynamic ({measured[DYNAMIC]:.1f} dB)")
+
+
+def _keep_static_share(groups: list[ActivationGroup], config: CompileConfig) -> list[ActivationGroup]:
+    """Move the dynamic groups whose best static candidate measured best back to static until
+    at least ``min_fraction`` of the linears are static (static is what int8 hardware runs fast)."""
+    min_fraction, ratios = config.activations.min_static_fraction, _static_ratios(config)
+    total = sum(len(group.linears) for group in groups)
+    static_kinds = (ActivationClass.STATIC, ActivationClass.LAE_STATIC)
+    static = sum(len(group.linears) for group in groups if group.activation.kind in static_kinds)
+    dynamic = [index for index, group in enumerate(groups) if group.activation.kind is ActivationClass.DYNAMIC]
+
+    def best_static(group: ActivationGroup) -> tuple[str, float]:
+        assert group.candidate_sqnr_db is not None
+        measured = group.candidate_sqnr_db
+        name = max(ratios, key=measured.__getitem__)
+        return name, measured[name]
+
+    result = list(groups)
+    for index in sorted(dynamic, key=lambda i: -best_static(groups[i])[1]):
+        if static >= min_fraction * total:
+            break
+        group = groups[index]
+        name, sqnr = best_static(group)
+        scale = float(int8_scale_from_absmax(group.activation_absmax)) * ratios[name]
+        spec = ActivationSpec(ActivationClass.STATIC, scale=scale)
+        reason = f"{group.reason}; moved to static ({name}, {sqnr:.1f} dB) to keep {min_fraction:.0%} of linears static"
+        result[index] = dataclasses.replace(group, activation=spec, reason=reason, candidate=name)
+        static += len(group.linears)
+    return result
 
 
 def find_fold_target(

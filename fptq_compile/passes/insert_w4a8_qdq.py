@@ -80,7 +80,8 @@ def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: Layer
     if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
         raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
     weight = fetch_tensor(graph_module, str(weight_node.target))
-    groups = quantize_int4_groups(weight, layer.weight.group_size, layer.weight.symmetric)
+    spec = layer.weight
+    groups = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
     codes = add_constant(graph_module, f"fptq_{linear.name}_weight_int4", groups.codes, before=linear)
     scale = add_constant(graph_module, f"fptq_{linear.name}_weight_scale", groups.scale, before=linear)
     zero_point = None

@@ -1,24 +1,24 @@
-"""Measure the int8 error of every activation group on calibration data (for the report).
+"""Measure, on calibration data, the int8 error of each way to quantize each activation group.
 
 Analysis only, with temporary probes, like :mod:`insert_observers`:
 
 Before: ``linear(x, w)``, ``linear(x, w2)``
 After:  ``x_seen = probe(x)``; ``linear(x_seen, w)``, ``linear(x_seen, w2)``
 
-Run on the float graph after planning and before any transform, so each group's error is
-its own, not compounded by the quantization of earlier layers. For each group the probe
-quantizes and dequantizes X as the plan says (divided by its LAE scale first under
-``lae_static``) and, for comparison, as the two plain alternatives: per-tensor static with
-the calibrated max|X|, and per-token dynamic. It accumulates signal and noise energy over
-the batches it sees; SQNR = 10·log10(Σ x² / Σ (x − qdq(x))²), in the domain that is
-quantized (the equalized one under LAE). Groups the plan keeps float get only the
-alternatives. Postcondition of :func:`remove_error_probes`: no probe is left.
+Run on the float graph before planning: each group's candidates (per-tensor static with
+the calibrated max|X| or a clipped scale, LAE + static, per-token dynamic; see
+:func:`fptq_compile.passes.analyze_sensitivity.activation_candidates`) are measured on the
+same activations, so they compare fairly, and no group's error is compounded by the
+quantization of earlier layers. Each probe quantizes and dequantizes X as each candidate
+says and accumulates signal and noise energy over the batches it sees; SQNR =
+10·log10(Σ x² / Σ (x − x̂)²), always in X's own domain (under LAE, x̂ = qdq(x / s)·s), so
+candidates are comparable. Postcondition of :func:`remove_error_probes`: no probe is left.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,52 +28,71 @@ from fptq_compile import primitives
 from fptq_compile.errors import CalibrationError, PreconditionError
 from fptq_compile.graph_utils import find_node, find_probes, insert_probe, remove_probes
 from fptq_compile.passes.base import PassResult
-from fptq_compile.plan import ActivationClass, ActivationGroup, QuantPlan
 
 _PROBE_PREFIX = "fptq_error_probe_"
-PLANNED, STATIC, DYNAMIC = "planned", "static", "dynamic"
 
 
-def _static_qdq(x: torch.Tensor, scale: float) -> torch.Tensor:
-    codes = primitives.quantize_symmetric(x, scale, primitives.INT8_MIN, primitives.INT8_MAX)
-    return primitives.dequantize(codes, scale)
+@dataclass(frozen=True)
+class Candidate:
+    """One way to quantize a group's input: per-token dynamic (``scale`` None) or per-tensor
+    static with ``scale``, applied after dividing by ``lae_scale`` when there is one."""
+
+    scale: float | None = None
+    lae_scale: tuple[float, ...] | None = None
 
 
-def _dynamic_qdq(x: torch.Tensor) -> torch.Tensor:
-    return primitives.dequantize(*primitives.quantize_per_token(x))
+@dataclass(frozen=True)
+class GroupCandidates:
+    """The candidates to measure for the linears reading ``input_node``."""
+
+    input_node: str
+    linears: tuple[str, ...]
+    candidates: Mapping[str, Candidate]
+
+
+@dataclass(frozen=True)
+class ActivationErrors:
+    """Per activation group (keyed by its input node): SQNR in dB of each candidate, by name."""
+
+    sqnr_db: Mapping[str, Mapping[str, float]]
+
+
+def _quantize_dequantize(x: torch.Tensor, candidate: Candidate, lae_scale: torch.Tensor | None) -> torch.Tensor:
+    if candidate.scale is None:
+        return primitives.dequantize(*primitives.quantize_per_token(x))
+    values = x if lae_scale is None else x / lae_scale
+    codes = primitives.quantize_symmetric(values, candidate.scale, primitives.INT8_MIN, primitives.INT8_MAX)
+    restored = primitives.dequantize(codes, candidate.scale)
+    return restored if lae_scale is None else restored * lae_scale
 
 
 class ActivationErrorProbe(nn.Module):
-    """Passes its input through and accumulates the quantization noise of each candidate."""
+    """Passes its input through and accumulates each candidate's quantization noise."""
 
-    def __init__(self, group: ActivationGroup) -> None:
+    def __init__(self, group: GroupCandidates) -> None:
         super().__init__()
         self.group = group
-        self.static_scale = float(primitives.int8_scale_from_absmax(group.activation_absmax))
-        self.lae_scale = None if group.lae_scale is None else torch.tensor(group.lae_scale, dtype=torch.float32)
-        self.signal: dict[str, float] = {}
-        self.noise: dict[str, float] = {}
-
-    def _accumulate(self, candidate: str, reference: torch.Tensor, approximation: torch.Tensor) -> None:
-        reference = reference.to(torch.float64)
-        self.signal[candidate] = self.signal.get(candidate, 0.0) + float(reference.square().sum())
-        noise = float((reference - approximation.to(torch.float64)).square().sum())
-        self.noise[candidate] = self.noise.get(candidate, 0.0) + noise
+        self.lae_scales = {
+            name: torch.tensor(candidate.lae_scale, dtype=torch.float32)
+            for name, candidate in group.candidates.items()
+            if candidate.lae_scale is not None
+        }
+        self.signal = 0.0
+        self.noise = dict.fromkeys(group.candidates, 0.0)
+        self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = x.detach().to(torch.float32)
-        self._accumulate(STATIC, values, _static_qdq(values, self.static_scale))
-        self._accumulate(DYNAMIC, values, _dynamic_qdq(values))
-        planned = self.group.activation
-        if planned.kind is ActivationClass.DYNAMIC:
-            self._accumulate(PLANNED, values, _dynamic_qdq(values))
-        elif planned.scale is not None:
-            quantized = values if self.lae_scale is None else values / self.lae_scale
-            self._accumulate(PLANNED, quantized, _static_qdq(quantized, planned.scale))
+        reference = values.to(torch.float64)
+        self.signal += float(reference.square().sum())
+        self.num_tokens += values.numel() // values.shape[-1]
+        for name, candidate in self.group.candidates.items():
+            restored = _quantize_dequantize(values, candidate, self.lae_scales.get(name))
+            self.noise[name] += float((reference - restored.to(torch.float64)).square().sum())
         return x
 
     def sqnr_db(self) -> dict[str, float]:
-        return {name: _sqnr_db(self.signal[name], self.noise[name]) for name in self.signal}
+        return {name: _sqnr_db(self.signal, noise) for name, noise in self.noise.items()}
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
@@ -82,39 +101,32 @@ def _sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(max(signal, 1e-300) / noise)
 
 
-@dataclass(frozen=True)
-class ActivationErrors:
-    """Per activation group (keyed by its input node): SQNR in dB of ``planned``, ``static``, ``dynamic``."""
-
-    sqnr_db: Mapping[str, Mapping[str, float]]
-
-
-def insert_error_probes(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:
-    """Put one :class:`ActivationErrorProbe` on the input of each activation group of ``plan``."""
+def insert_error_probes(graph_module: fx.GraphModule, groups: Sequence[GroupCandidates]) -> PassResult:
+    """Put one :class:`ActivationErrorProbe` on the input of each group."""
     if find_probes(graph_module, ActivationErrorProbe):
         return PassResult(graph_module, modified=False, report={"probes": 0, "note": "probes already present"})
-    # Match every group to the graph before the first edit: a refused plan leaves it as it was.
+    # Match every group to the graph before the first edit: a refused request leaves it as it was.
     sites = []
-    for group in plan.groups:
+    for group in groups:
         source = find_node(graph_module, group.input_node)
         readers = [node for name in group.linears if (node := find_node(graph_module, name)) is not None]
         if source is None or len(readers) != len(group.linears) or any(source not in r.args for r in readers):
             raise PreconditionError(
                 f"group {group.input_node} (feeding {', '.join(group.linears)}) does not match the graph: "
-                "measure errors on the graph the plan was made from, before any transform"
+                "measure errors on the float graph the linears were found in, before any transform"
             )
         sites.append((source, readers, group))
     for index, (source, readers, group) in enumerate(sites):
         insert_probe(graph_module, source, readers, ActivationErrorProbe(group), f"{_PROBE_PREFIX}{index}")
     graph_module.recompile()
-    return PassResult(graph_module, modified=bool(plan.groups), report={"probes": len(plan.groups)})
+    return PassResult(graph_module, modified=bool(groups), report={"probes": len(groups)})
 
 
 def read_activation_errors(graph_module: fx.GraphModule) -> ActivationErrors:
     """The SQNR each probe measured, keyed by activation group."""
     errors = {}
     for _, probe in find_probes(graph_module, ActivationErrorProbe):
-        if not probe.signal:
+        if probe.num_tokens == 0:
             raise CalibrationError(f"error probe of {probe.group.input_node} saw no data: run batches through it first")
         errors[probe.group.input_node] = probe.sqnr_db()
     return ActivationErrors(errors)
