@@ -42,6 +42,8 @@ class FoldKind(enum.Enum):
     """``mul(norm_weight, normalized_x)``: the norm weight is divided by s."""
     LAYER_NORM = "layer_norm"
     """``aten.layer_norm(x, shape, weight, bias)``: weight and bias are divided by s."""
+    LINEAR_ROWS = "linear_rows"
+    """``mul(act(gate(x)), up(x))`` (a gated MLP): the rows of ``up``'s weight and bias are divided by s."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class ActivationSpec:
 
 @dataclass(frozen=True)
 class FoldTarget:
-    """Where an activation group's LAE scale is folded: a norm node and its parameters."""
+    """Where an activation group's LAE scale is folded: a norm node, or the linear whose rows
+    produce the group's input (``LINEAR_ROWS``; ``node`` is that linear)."""
 
     kind: FoldKind
     node: str

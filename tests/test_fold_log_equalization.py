@@ -26,13 +26,30 @@ def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
 
 def test_folding_is_exact_in_float(llama, captured, token_ids):
     plan = _lae_plan(captured, token_ids)
-    assert plan.activation_class_counts()["lae_static"] == 10  # q/k/v and gate/up of both layers
+    # q/k/v and gate/up (into the norms) and down_proj (into up_proj's rows) of both layers.
+    assert plan.activation_class_counts()["lae_static"] == 12
+    kinds = sorted(group.fold.kind.value for group in plan.groups if group.fold is not None)
+    assert kinds == ["linear_rows"] * 2 + ["rms_norm"] * 4
     with torch.no_grad():
         reference = llama(token_ids).logits
         result = fold_log_equalization(captured.graph_module, plan)
         folded = captured.logits(token_ids)
-    assert result.modified and result.report["folded_groups"] == 4
+    assert result.modified and result.report["folded_groups"] == 6
     assert _relative_error(reference, folded) < 1e-5
+
+
+def test_the_up_proj_rows_take_the_down_proj_scale(llama, captured, token_ids):
+    plan = _lae_plan(captured, token_ids)
+    down = next(g for g in plan.groups if g.fold is not None and g.fold.kind is FoldKind.LINEAR_ROWS)
+    assert down.fold.module_path == "model.layers.0.mlp.up_proj"
+    fold_log_equalization(captured.graph_module, plan)
+    up = next(n for n in captured.graph_module.graph.nodes if n.name == down.fold.node)
+    up_weight = getattr(captured.graph_module, up.args[1].target)
+    # up_proj's columns also took the gate/up group's norm scale: undo it to see the rows alone.
+    gate_up = next(g for g in plan.groups if down.fold.node in g.linears)
+    columns = torch.tensor(gate_up.lae_scale)
+    expected = llama.model.layers[0].mlp.up_proj.weight / torch.tensor(down.lae_scale)[:, None] * columns
+    torch.testing.assert_close(up_weight, expected)
 
 
 def test_folding_rewrites_norm_and_weights_without_touching_the_users_parameters(llama, captured, token_ids):

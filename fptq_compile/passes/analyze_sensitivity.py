@@ -266,10 +266,13 @@ def _keep_static_share(groups: list[ActivationGroup], config: CompileConfig) -> 
 def find_fold_target(
     graph_module: fx.GraphModule, input_node: str, linears: Sequence[str]
 ) -> tuple[FoldTarget | None, str]:
-    """The norm an LAE scale can be folded into exactly, or None and why not.
+    """Where an LAE scale can be folded exactly, or None and why not.
 
     Foldable: an RMSNorm's final ``mul(weight, normalized_x)`` or an ``aten.layer_norm``
-    with a weight, whose output feeds exactly these linears, with a 1-D parameter weight.
+    with a weight, whose output feeds exactly these linears, with a 1-D parameter weight;
+    or a gated MLP's ``mul(act(gate(x)), up(x))`` feeding exactly these linears, where
+    ``up`` is a linear with a parameter weight read by nothing but this mul (its rows take
+    the scale: ``act(gate) * up / s``).
     """
     node = find_node(graph_module, input_node)
     if node is None:
@@ -277,8 +280,13 @@ def find_fold_target(
     other_users = sorted(user.name for user in node.users if user.name not in linears)
     if node.op == "call_function" and node.target == _MUL:
         weight_arg = next((arg for arg in node.args if _is_channel_parameter(graph_module, arg, node)), None)
-        if weight_arg is None:
-            return None, f"its input {node.name} is not a norm (a mul without a per-channel parameter)"
+        up = next((arg for arg in node.args if isinstance(arg, fx.Node) and _is_private_linear(arg, node)), None)
+        if weight_arg is None and up is None:
+            return None, f"its input {node.name} is a mul of neither a per-channel parameter nor a linear's output"
+        if weight_arg is None and up is not None:
+            if other_users:
+                return None, f"the gated product {node.name} also feeds {', '.join(other_users)}"
+            return FoldTarget(FoldKind.LINEAR_ROWS, up.name, module_path_of(up)), ""
         kind = FoldKind.RMS_NORM
     elif node.op == "call_function" and node.target == _LAYER_NORM:
         weight_arg = node.args[2] if len(node.args) > 2 else None
@@ -291,6 +299,17 @@ def find_fold_target(
     if other_users:
         return None, f"the norm output {node.name} also feeds {', '.join(other_users)}"
     return FoldTarget(kind, node.name, module_path_of(node)), ""
+
+
+def _is_private_linear(arg: fx.Node, consumer: fx.Node) -> bool:
+    """An ``aten.linear`` with a parameter weight whose only reader is ``consumer``."""
+    return (
+        arg.op == "call_function"
+        and arg.target == torch.ops.aten.linear.default
+        and isinstance(arg.args[1], fx.Node)
+        and arg.args[1].op == "get_attr"
+        and set(arg.users) == {consumer}
+    )
 
 
 def _is_channel_parameter(graph_module: fx.GraphModule, arg: object, consumer: fx.Node) -> bool:

@@ -6,7 +6,9 @@ per input channel):
 Before: ``y = mul(norm_w, x_hat)``;              ``linear(y, W_q)``, ``linear(y, W_k)`` ...
 After:  ``y' = mul(norm_w / s, x_hat)`` (= y / s); ``linear(y', W_q * s)``, ``linear(y', W_k * s)``
 
-(for ``aten.layer_norm`` both weight and bias are divided by ``s``). In float the
+(for ``aten.layer_norm`` both weight and bias are divided by ``s``; for a gated MLP's
+``mul(act(gate(x)), up(x))`` feeding down_proj, the rows of ``up``'s weight and bias are:
+``up'(x) = up(x) / s``). In float the
 result is unchanged, up to rounding; only quantization sees the flatter activations.
 New tensors are registered for every folded weight: parameters of the captured graph
 are shared with the user's model (and tied parameters with each other), so none is
@@ -54,8 +56,10 @@ class _Fold:
 
     scale: torch.Tensor
     norm: fx.Node
+    """The node whose parameters are divided by the scale: a norm, or the ``up`` linear (rows)."""
     norm_positions: tuple[int, ...]
     linears: tuple[fx.Node, ...]
+    rows: bool = False
 
 
 def _linear_node(graph_module: fx.GraphModule, name: str, group: ActivationGroup) -> fx.Node:
@@ -77,11 +81,18 @@ def _check_fold(graph_module: fx.GraphModule, group: ActivationGroup, linears: l
     norm = find_node(graph_module, fold.node)
     if norm is None:
         raise PreconditionError(f"{where}: fold node {fold.node} is not in the graph")
-    if any(linear.args[0] is not norm for linear in linears) or set(norm.users) != set(linears):
-        raise PreconditionError(f"{where}: {fold.node} must feed exactly {list(group.linears)}")
+    produced = norm if fold.kind is not FoldKind.LINEAR_ROWS else find_node(graph_module, group.input_node)
+    if produced is None or (fold.kind is FoldKind.LINEAR_ROWS and set(norm.users) != {produced}):
+        raise PreconditionError(f"{where}: {fold.node} must feed only the gated product {group.input_node}")
+    if any(linear.args[0] is not produced for linear in linears) or set(produced.users) != set(linears):
+        raise PreconditionError(f"{where}: {produced.name} must feed exactly {list(group.linears)}")
     if any(not _is_parameter(linear.args[1]) for linear in linears):
         raise PreconditionError(f"{where}: a weight of {list(group.linears)} is not a parameter")
-    if fold.kind is FoldKind.RMS_NORM:
+    if fold.kind is FoldKind.LINEAR_ROWS:
+        if norm.target != torch.ops.aten.linear.default:
+            raise PreconditionError(f"{where}: {fold.node} is {norm.target}, not a linear")
+        positions = tuple(i for i in (1, 2) if len(norm.args) > i and _is_parameter(norm.args[i]))
+    elif fold.kind is FoldKind.RMS_NORM:
         if norm.target != torch.ops.aten.mul.Tensor:
             raise PreconditionError(f"{where}: {fold.node} is {norm.target}, not the RMSNorm weight mul")
         positions = tuple(i for i, arg in enumerate(norm.args) if _is_parameter(arg))[:1]
@@ -92,15 +103,18 @@ def _check_fold(graph_module: fx.GraphModule, group: ActivationGroup, linears: l
     if not positions:
         raise PreconditionError(f"{where}: {fold.node} has no parameter to fold into")
     scale = torch.tensor(lae_scale, dtype=torch.float32)
-    return _Fold(scale, norm, positions, tuple(linears))
+    return _Fold(scale, norm, positions, tuple(linears), rows=fold.kind is FoldKind.LINEAR_ROWS)
 
 
 def _apply_fold(graph_module: fx.GraphModule, fold: _Fold) -> None:
     for position in fold.norm_positions:
         parameter = fold.norm.args[position]
         assert isinstance(parameter, fx.Node)  # checked by _check_fold
-        new_value = fetch_tensor(graph_module, str(parameter.target)) / fold.scale
-        _replace_arg(graph_module, fold.norm, position, new_value, f"fptq_lae_{fold.norm.name}_arg{position}")
+        value = fetch_tensor(graph_module, str(parameter.target))
+        # A weight's rows (dim 0) take the scale; 1-D norm weights and biases are per channel.
+        new_value = value / (fold.scale[:, None] if fold.rows and value.dim() == 2 else fold.scale)
+        name = f"fptq_lae{'_rows' if fold.rows else ''}_{fold.norm.name}_arg{position}"
+        _replace_arg(graph_module, fold.norm, position, new_value, name)
     for linear in fold.linears:
         weight = linear.args[1]
         assert isinstance(weight, fx.Node)  # checked by _check_fold
