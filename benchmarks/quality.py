@@ -1,7 +1,9 @@
-"""Quality of W4A8 policies on SmolLM2-135M, in one run (issue 2's table).
+"""Quality of W4A8 policies on SmolLM2-135M, in one run, at the same weight settings.
 
 Rows: float, naive W4A8 (int4 g128 RTN, every activation per-tensor static), W4A8 with
-every activation per-token dynamic, FPTQ W4A8 (the default), and W4A16 (weights only).
+every activation per-token dynamic, FPTQ W4A8 with the paper's thresholds, W4A16 (weights
+only) and the error-driven W4A8 policy (the default). Weights are asymmetric (the
+default) unless ``--symmetric``.
 Each row runs in its own process, so its peak RSS is its own (model loading included;
 the RSS right after loading is reported beside it). The FPTQ row also times a plain
 float forward pass over the same calibration tokens, in the same process, so compile
@@ -11,7 +13,7 @@ Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512
 calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
-    python benchmarks/quality.py [--windows 40] [--group-size 128] [--asymmetric] [--tasks] [--rows ...] [--json PATH]
+    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--tasks] [--rows ...] [--json PATH]
 
 ``--tasks`` adds LAMBADA (OpenAI, first 1000 texts, last-word greedy accuracy) and PIQA
 (validation, zero-shot, per-byte log-likelihood) for every row.
@@ -116,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--asymmetric", action="store_true", help="asymmetric int4 weight groups")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
     parser.add_argument("--clip", action="store_true", help=f"MSE-searched weight clipping over {CLIP_RATIOS}")
     parser.add_argument("--tasks", action="store_true", help="also LAMBADA and PIQA accuracy (slow)")
     parser.add_argument("--lambada-limit", type=int, default=1000, help="first N LAMBADA texts (default 1000)")
@@ -125,7 +127,7 @@ def main() -> None:
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     args = parser.parse_args()
     if args.row:
-        settings = (not args.asymmetric, args.clip, args.tasks, args.lambada_limit)
+        settings = (args.symmetric, args.clip, args.tasks, args.lambada_limit)
         row = run_row(args.row, args.windows, args.group_size, *settings)
         print(json.dumps(row))
         return
@@ -133,12 +135,12 @@ def main() -> None:
     for name in args.rows:
         command = [sys.executable, __file__, "--row", name, "--windows", str(args.windows)]
         command += ["--group-size", str(args.group_size), "--lambada-limit", str(args.lambada_limit)]
-        command += ["--asymmetric"] * args.asymmetric + ["--clip"] * args.clip + ["--tasks"] * args.tasks
+        command += ["--symmetric"] * args.symmetric + ["--clip"] * args.clip + ["--tasks"] * args.tasks
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
         print(_line(row), flush=True)
-    summary: dict = {"group_size": args.group_size, "symmetric": not args.asymmetric, "clip": args.clip}
+    summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": args.clip}
     summary["windows"] = args.windows
     summary["rows"] = rows
     fptq_row = next((r for r in rows if r["row"] == "w4a8_fptq"), None)

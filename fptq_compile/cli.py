@@ -148,8 +148,10 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--group-size", type=int, metavar="G", help="int4 weight group size, a power of two (default 128)"
     )
-    parser.add_argument("--asymmetric", action="store_true", help="asymmetric int4 weight groups")
-    parser.add_argument("--policy", choices=[p.value for p in ActivationPolicy], help="activation policy (fptq)")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
+    parser.add_argument(
+        "--policy", choices=[p.value for p in ActivationPolicy], help="activation policy (error_driven)"
+    )
     parser.add_argument("--thresholds", type=float, nargs=2, metavar=("V0", "V1"), help="FPTQ v0 < v1 (15 150)")
     parser.add_argument("--no-lae", action="store_true", help="LAE candidates go per-token dynamic instead")
     parser.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module-path patterns kept float")
@@ -173,7 +175,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
     put("calibration", "samples", args.samples)
     put("calibration", "seq_len", args.seq_len)
     put("weights", "group_size", args.group_size)
-    put("weights", "symmetric", False if args.asymmetric else None)
+    put("weights", "symmetric", True if args.symmetric else None)
     put("activations", "policy", args.policy)
     if args.thresholds:
         put("activations", "static_threshold", args.thresholds[0])

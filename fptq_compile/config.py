@@ -40,7 +40,8 @@ class WeightConfig:
     """int4 group-wise weight quantization along the input dimension."""
 
     group_size: int = 128
-    symmetric: bool = True
+    symmetric: bool = False
+    """False (default): asymmetric groups with an int4 zero point; True: ``absmax / 7.5``."""
     clip_ratios: tuple[float, ...] = ()
     """Also try each group's range shrunk to these fractions; keep the smallest-error one."""
 
@@ -56,14 +57,14 @@ class WeightConfig:
 class ActivationConfig:
     """int8 activation quantization and the FPTQ thresholds v0 < v1 on max|X|."""
 
-    policy: ActivationPolicy = ActivationPolicy.FPTQ
+    policy: ActivationPolicy = ActivationPolicy.ERROR_DRIVEN
     static_threshold: float = 15.0
     dynamic_threshold: float = 150.0
     use_lae: bool = True
     """False: LAE candidates (v0 < max|X| <= v1) go per-token dynamic, as when no norm folds."""
     clip_ratios: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)
     """Static candidates besides the calibrated max|X|: scales clipped to these fractions of it."""
-    min_sqnr_db: float = 25.0
+    min_sqnr_db: float = 30.0
     """error_driven: the activation SQNR a static candidate must reach to be chosen."""
     min_static_fraction: float = 0.5
     """error_driven: the share of quantized linears kept on static activations, at least."""

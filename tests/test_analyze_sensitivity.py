@@ -18,7 +18,9 @@ def test_thresholds_decide_each_group(captured, token_ids):
     stats = collect_stats(captured, token_ids)
     absmax = sorted({s.tensor_absmax for s in stats.per_linear.values()})
     v0, v1 = absmax[1] + 1e-6, absmax[-2] + 1e-6  # some groups in each band
-    config = CompileConfig(activations=ActivationConfig(static_threshold=v0, dynamic_threshold=v1))
+    config = CompileConfig(
+        activations=ActivationConfig(policy=ActivationPolicy.FPTQ, static_threshold=v0, dynamic_threshold=v1)
+    )
     plan = _plan(captured, stats, config)
     for group in plan.groups:
         if group.activation_absmax <= v0:

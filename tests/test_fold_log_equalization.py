@@ -6,7 +6,7 @@ from conftest import collect_stats, lae_everywhere_config
 from torch import nn
 
 from fptq_compile.capture import select_linears
-from fptq_compile.config import ActivationConfig, CompileConfig
+from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig
 from fptq_compile.errors import PreconditionError
 from fptq_compile.metadata import get_linear_state
 from fptq_compile.passes import analyze_sensitivity, fold_log_equalization
@@ -84,7 +84,11 @@ def test_second_run_and_plans_without_lae_change_nothing(captured, token_ids):
 def test_a_plan_without_lae_leaves_the_graph_unchanged(captured, token_ids):
     stats = collect_stats(captured, token_ids)
     absmax = max(s.tensor_absmax for s in stats.per_linear.values())
-    config = CompileConfig(activations=ActivationConfig(static_threshold=absmax + 1, dynamic_threshold=absmax + 2))
+    config = CompileConfig(
+        activations=ActivationConfig(
+            policy=ActivationPolicy.FPTQ, static_threshold=absmax + 1, dynamic_threshold=absmax + 2
+        )
+    )
     plan = _lae_plan(captured, token_ids, config)
     assert plan.activation_class_counts()["lae_static"] == 0
     code = captured.graph_module.code

@@ -65,7 +65,10 @@ def test_weight_only_leaves_activations_float(captured, token_ids):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_numerics_meet_an_sqnr_floor(llama, captured, token_ids, symmetric):
-    config = CompileConfig(weights=WeightConfig(group_size=32, symmetric=symmetric))
+    config = CompileConfig(
+        weights=WeightConfig(group_size=32, symmetric=symmetric),
+        activations=ActivationConfig(policy=ActivationPolicy.FPTQ),
+    )
     plan = _plan(captured, token_ids, config)
     insert_w4a8_qdq(captured.graph_module, plan)
     with torch.no_grad():

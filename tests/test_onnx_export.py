@@ -16,7 +16,9 @@ from fptq_compile.exporters import OnnxLayout, export_folder, export_onnx
 from fptq_compile.runtime import OrtCausalLM, session_options
 
 POLICIES = {
-    "fptq": fptq.ActivationConfig(static_threshold=1.0, dynamic_threshold=10.0),  # static, LAE and dynamic groups
+    "fptq": fptq.ActivationConfig(
+        policy=fptq.ActivationPolicy.FPTQ, static_threshold=1.0, dynamic_threshold=10.0
+    ),  # static, LAE and dynamic groups
     "all_static": fptq.ActivationConfig(policy=fptq.ActivationPolicy.ALL_STATIC),
     "all_dynamic": fptq.ActivationConfig(policy=fptq.ActivationPolicy.ALL_DYNAMIC),
     "weight_only": fptq.ActivationConfig(policy=fptq.ActivationPolicy.WEIGHT_ONLY),

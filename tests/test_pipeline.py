@@ -14,7 +14,9 @@ def _lae_config(**activations):
     # Thresholds low enough that this random model has static, LAE and dynamic groups.
     return fptq.CompileConfig(
         weights=fptq.WeightConfig(group_size=32),
-        activations=fptq.ActivationConfig(static_threshold=1.0, dynamic_threshold=10.0, **activations),
+        activations=fptq.ActivationConfig(
+            policy=fptq.ActivationPolicy.FPTQ, static_threshold=1.0, dynamic_threshold=10.0, **activations
+        ),
     )
 
 
