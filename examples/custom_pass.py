@@ -58,7 +58,8 @@ compiled = fptq.compile(
     seq_len=128,
     passes=[*fptq.DEFAULT_PASSES, float_inputs_for_last_layer, count_fptq_ops],
 )
-print("with custom passes:", compiled.report.pass_reports)
+reports = compiled.report.pass_reports
+print("with custom passes:", reports["float_inputs_for_last_layer"], reports["count_fptq_ops"])
 
 # Dropping LAE: the plan must not ask for it (insert_w4a8_qdq refuses an unfolded LAE group).
 no_lae = fptq.CompileConfig(activations=fptq.ActivationConfig(use_lae=False))
