@@ -1,15 +1,24 @@
 """Float ONNX vs W4A8 ONNX of SmolLM2-135M on ONNX Runtime CPU, side by side in one run.
 
-For the float export (the captured graph, no transform pass) and the W4A8 export in both
-layouts (``ort``: int4 [K, N] fused into MatMulNBits; ``qdq``: portable [N, K]), prints:
-file size, prefill latency (1 x 512 tokens, empty cache) and decode latency per token
-(1 token against a 512-token cache), each the median of several runs taken round-robin
-across the models, and ratios W4A8 / float. One more W4A8 model also quantizes the tied
-``lm_head`` (not the default: ``include=("*.[0-9]*", "lm_head")``; the embedding stays
-float32), with its quick-mode perplexity beside the default's, since every decode step
-of the default still reads the 113 MB float32 ``lm_head``. W4A8 sessions use accuracy level 1 (exact,
-the torch reference's numbers) and, separately, ORT's default level 4 (int8 activations
-inside MatMulNBits). Writes JSON (default benchmarks/results/onnx_runtime.json).
+Every model is exported by this project. The float baseline is the captured graph with no
+transform pass, exported in the ``ort`` layout, so it gets the same attention, norm and
+merged-MatMul fusions as the W4A8 model and the ratios measure quantization alone.
+Models:
+
+- ``float``: float32, ``ort`` layout;
+- ``w4a8_ort``: the default compile (error-driven W4A8, int4 g128 asymmetric), ``ort`` layout;
+- ``w4a8_qdq``: the same model in the portable ``qdq`` layout;
+- ``w4a8_ort_lm_head_int8``: also ``lm_head`` as an int8 weight-only layer
+  (``int8_weight_only=("lm_head",)``; the embedding table stays float32).
+
+W4A8 sessions run at accuracy level 1 (the fused int4 MatMuls compute in float: the torch
+reference's numbers) and at ORT's default level 4 (int8 activations inside ``MatMulNBits``).
+For each session: file size, prefill latency (1 x 512 tokens, empty cache), decode latency
+per token (1 token against a 512-token cache; the median of 5 steps per round), each the
+median over ``--runs`` rounds taken round-robin across the sessions, the ratios to float
+(of the medians, and the median of per-round ratios), and, for the ``ort`` sessions, the
+ORT perplexity (quick mode) beside the torch reference's. Writes JSON (default
+benchmarks/results/onnx_runtime.json).
 
     python benchmarks/onnx_runtime.py [--runs 7] [--threads 2]
 """
@@ -30,14 +39,19 @@ import torch
 import fptq_compile as fptq
 from fptq_compile.evaluate import perplexity, wikitext_token_ids
 from fptq_compile.exporters import OnnxLayout, export_onnx
-from fptq_compile.runtime import session_options
+from fptq_compile.runtime import OrtCausalLM, session_options
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _feeds(session: ort.InferenceSession, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    return {"input_ids": input_ids, **dict(zip(names[1:], past, strict=True))}
+DECODE_STEPS = 5
+# name -> (export, accuracy level 1?)
+SESSIONS = {
+    "float": ("float", True),
+    "w4a8_ort": ("w4a8_ort", True),
+    "w4a8_ort_level4": ("w4a8_ort", False),
+    "w4a8_qdq": ("w4a8_qdq", True),
+    "w4a8_ort_lm_head_int8": ("w4a8_ort_lm_head_int8", True),
+    "w4a8_ort_lm_head_int8_level4": ("w4a8_ort_lm_head_int8", False),
+}
 
 
 def _session(path: Path, threads: int, exact: bool) -> ort.InferenceSession:
@@ -48,90 +62,114 @@ def _session(path: Path, threads: int, exact: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _feeds(session: ort.InferenceSession, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    return {"input_ids": input_ids, **dict(zip(names[1:], past, strict=True))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=40, help="perplexity windows (quick mode: 40)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "onnx_runtime.json")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
 
     loaded = fptq.load_model()
     lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    compiled = fptq.compile(loaded, fptq.Texts(tuple(lines), separator=" "), progress=False)
     calibration = fptq.Texts(tuple(lines), separator=" ")
-    with_lm_head = fptq.compile(
-        loaded, calibration, fptq.CompileConfig(include=("*.[0-9]*", "lm_head")), progress=False
-    )
-    float_graph = fptq.compile(loaded, fptq.RandomTokens(), passes=(), num_samples=1, seq_len=8, progress=False)
+    compiled = {
+        "w4a8": fptq.compile(loaded, calibration, progress=False),
+        "w4a8_lm_head_int8": fptq.compile(
+            loaded, calibration, fptq.CompileConfig(int8_weight_only=("lm_head",)), progress=False
+        ),
+        "float": fptq.compile(loaded, fptq.RandomTokens(), passes=(), num_samples=1, seq_len=8, progress=False),
+    }
     eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
-    perplexities = {
-        "w4a8_ort": perplexity(compiled, eval_ids, max_windows=40, progress=False).perplexity,
-        "w4a8_ort_lm_head_int4": perplexity(with_lm_head, eval_ids, max_windows=40, progress=False).perplexity,
+    torch_perplexity = {
+        name: perplexity(compiled[name], eval_ids, max_windows=args.windows, progress=False).perplexity
+        for name in ("w4a8", "w4a8_lm_head_int8")
     }
 
     folder = Path(tempfile.mkdtemp(prefix="fptq-bench-"))
     exports = {
-        "float": export_onnx(float_graph, folder / "float.onnx", OnnxLayout.QDQ),
-        "w4a8_ort": export_onnx(compiled, folder / "w4a8_ort.onnx", OnnxLayout.ORT),
-        "w4a8_qdq": export_onnx(compiled, folder / "w4a8_qdq.onnx", OnnxLayout.QDQ),
-        "w4a8_ort_lm_head_int4": export_onnx(with_lm_head, folder / "w4a8_lm_head.onnx", OnnxLayout.ORT),
+        "float": export_onnx(compiled["float"], folder / "float.onnx", OnnxLayout.ORT),
+        "w4a8_ort": export_onnx(compiled["w4a8"], folder / "w4a8_ort.onnx", OnnxLayout.ORT),
+        "w4a8_qdq": export_onnx(compiled["w4a8"], folder / "w4a8_qdq.onnx", OnnxLayout.QDQ),
+        "w4a8_ort_lm_head_int8": export_onnx(
+            compiled["w4a8_lm_head_int8"], folder / "w4a8_lm_head_int8.onnx", OnnxLayout.ORT
+        ),
     }
-    sessions = {
-        "float": (exports["float"], True),
-        "w4a8_ort": (exports["w4a8_ort"], True),
-        "w4a8_ort_level4": (exports["w4a8_ort"], False),
-        "w4a8_qdq": (exports["w4a8_qdq"], True),
-        "w4a8_ort_lm_head_int4": (exports["w4a8_ort_lm_head_int4"], True),
-    }
-    loaded_sessions = {name: _session(export.path, args.threads, exact) for name, (export, exact) in sessions.items()}
-    layout = compiled.kv_layout
+    sessions = {name: _session(exports[export].path, args.threads, exact) for name, (export, exact) in SESSIONS.items()}
+
+    layout = compiled["w4a8"].kv_layout
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, loaded.model.config.vocab_size, (1, 512)).astype(np.int64)
     empty = [np.zeros((1, layout.num_kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.num_layers)
-    prefill_times: dict[str, list[float]] = {name: [] for name in loaded_sessions}
-    decode_times: dict[str, list[float]] = {name: [] for name in loaded_sessions}
-    caches = {}
-    for name, session in loaded_sessions.items():  # warm-up, and the 512-token cache each decodes against
-        caches[name] = session.run(None, _feeds(session, prompt, empty))[1:]
     token = np.array([[42]], dtype=np.int64)
+    prefill: dict[str, list[float]] = {name: [] for name in sessions}
+    decode: dict[str, list[float]] = {name: [] for name in sessions}
+    caches = {}
+    for name, session in sessions.items():  # warm-up, and the 512-token cache each decodes against
+        caches[name] = session.run(None, _feeds(session, prompt, empty))[1:]
     for _ in range(args.runs):
-        for name, session in loaded_sessions.items():  # round-robin: drift hits every model alike
+        for name, session in sessions.items():  # round-robin: drift hits every model alike
             start = time.perf_counter()
             session.run(None, _feeds(session, prompt, empty))
-            prefill_times[name].append(time.perf_counter() - start)
+            prefill[name].append(time.perf_counter() - start)
             feeds = _feeds(session, token, caches[name])
-            start = time.perf_counter()
-            session.run(None, feeds)
-            decode_times[name].append(time.perf_counter() - start)
+            steps = []
+            for _ in range(DECODE_STEPS):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                steps.append(time.perf_counter() - start)
+            decode[name].append(statistics.median(steps))
 
     results = {}
-    for name, (export, exact) in sessions.items():
-        results[name] = {
+    for name, (export_name, exact) in SESSIONS.items():
+        export = exports[export_name]
+        row: dict[str, object] = {
             "file_mb": round(export.file_bytes / 1e6, 1),
+            "size_ratio": round(export.file_bytes / exports["float"].file_bytes, 3),
             "accuracy_level": None if name == "float" else (1 if exact else 4),
-            "prefill_ms_median": round(1e3 * statistics.median(prefill_times[name]), 2),
-            "decode_ms_median": round(1e3 * statistics.median(decode_times[name]), 2),
         }
-        if name in perplexities:
-            results[name]["torch_perplexity_quick"] = round(perplexities[name], 3)
-    base = results["float"]
+        for label, times in (("prefill", prefill), ("decode", decode)):
+            row[f"{label}_ms_median"] = round(1e3 * statistics.median(times[name]), 2)
+            row[f"{label}_ratio"] = round(statistics.median(times[name]) / statistics.median(times["float"]), 3)
+            paired = [mine / base for mine, base in zip(times[name], times["float"], strict=True)]
+            row[f"{label}_ratio_paired"] = round(statistics.median(paired), 3)
+        results[name] = row
+    for name in ("w4a8_ort", "w4a8_ort_level4", "w4a8_ort_lm_head_int8_level4"):
+        export_name, exact = SESSIONS[name]
+        source = "w4a8_lm_head_int8" if "lm_head" in name else "w4a8"
+        session = OrtCausalLM.load(exports[export_name].path, threads=args.threads, exact=exact)
+        measured = perplexity(session, eval_ids, max_windows=args.windows, progress=False).perplexity
+        reference = torch_perplexity[source]
+        results[name]["perplexity_torch"] = round(reference, 3)
+        results[name]["perplexity_ort"] = round(measured, 3)
+        results[name]["perplexity_gap_percent"] = round(100 * (measured / reference - 1), 3)
+
     for name, row in results.items():
-        row["size_ratio"] = round(row["file_mb"] / base["file_mb"], 3)
-        row["prefill_ratio"] = round(row["prefill_ms_median"] / base["prefill_ms_median"], 3)
-        row["decode_ratio"] = round(row["decode_ms_median"] / base["decode_ms_median"], 3)
-        print(
-            f"{name:<16} {row['file_mb']:>7.1f} MB ({row['size_ratio']:.3f}x) | prefill 1x512 "
-            f"{row['prefill_ms_median']:>8.1f} ms ({row['prefill_ratio']:.3f}x) | decode @512 "
-            f"{row['decode_ms_median']:>7.2f} ms ({row['decode_ratio']:.3f}x) | "
-            f"accuracy level {row['accuracy_level'] or '-'}"
-            + (f" | PPL {row['torch_perplexity_quick']}" if "torch_perplexity_quick" in row else "")
+        gap = (
+            f" | PPL torch {row['perplexity_torch']} -> ORT {row['perplexity_ort']}" if "perplexity_ort" in row else ""
         )
-    linear = compiled.report.linear_weight_bytes
+        print(
+            f"{name:<30} {row['file_mb']:>6.1f} MB ({row['size_ratio']:.3f}x) | prefill 1x512 "
+            f"{row['prefill_ms_median']:>7.1f} ms ({row['prefill_ratio']:.3f}x, "
+            f"paired {row['prefill_ratio_paired']:.3f}x)"
+            f" | decode @512 {row['decode_ms_median']:>6.2f} ms ({row['decode_ratio']:.3f}x, paired "
+            f"{row['decode_ratio_paired']:.3f}x) | level {row['accuracy_level'] or '-'}{gap}"
+        )
+    linear = compiled["w4a8"].report.linear_weight_bytes
     summary = {
         "runs": args.runs,
         "threads": args.threads,
+        "decode_steps_per_round": DECODE_STEPS,
+        "perplexity_windows": args.windows,
+        "onnxruntime": ort.__version__,
         "models": results,
+        "fusions": {name: vars(export.fusions) for name, export in exports.items() if export.fusions is not None},
         "linear_weight_bytes": linear,
         "linear_weight_ratio": round(linear["compiled"] / linear["float32"], 4),
     }

@@ -212,15 +212,20 @@ def select_linears(
         raise UnsupportedGraphError(
             "the captured graph has no aten.linear with a parameter weight: nothing to quantize"
         )
-    for pattern in config.ignore:
-        if not any(fnmatch.fnmatchcase(site.module_path, pattern) for site in linears):
-            raise ConfigError(f"ignore pattern {pattern!r} matches no linear layer (e.g. {linears[0].module_path!r})")
+    for name, patterns in (("ignore", config.ignore), ("int8_weight_only", config.int8_weight_only)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(site.module_path, pattern) for site in linears):
+                raise ConfigError(
+                    f"{name} pattern {pattern!r} matches no linear layer (e.g. {linears[0].module_path!r})"
+                )
     selected: list[LinearSite] = []
     skipped: list[SkippedLayer] = []
     for site in linears:
         ignored_by = next((p for p in config.ignore if fnmatch.fnmatchcase(site.module_path, p)), None)
         if ignored_by is not None:
             skipped.append(SkippedLayer(site.node, site.module_path, f"matches ignore pattern {ignored_by!r}"))
+        elif config.is_int8_weight_only(site.module_path):
+            selected.append(site)
         elif not any(fnmatch.fnmatchcase(site.module_path, p) for p in config.include):
             reason = f"outside the include patterns {list(config.include)} (kept float)"
             skipped.append(SkippedLayer(site.node, site.module_path, reason))

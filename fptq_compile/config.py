@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import types
 import typing
 from collections.abc import Mapping
@@ -93,18 +94,24 @@ class CompileConfig:
     ``include`` pattern and no ``ignore`` pattern; every other linear is listed in the
     plan as skipped, with the reason. An ``ignore`` pattern that matches no linear is an
     error (it is almost always a typo).
+
+    ``int8_weight_only`` patterns name linears (e.g. ``lm_head``) quantized to symmetric
+    int8 weights in groups of ``weights.group_size`` with float activations (W8A16), whether
+    or not ``include`` matches them: for layers where int4 costs too much accuracy but
+    float weights cost too much memory traffic.
     """
 
     weights: WeightConfig = field(default_factory=WeightConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     include: tuple[str, ...] = DEFAULT_INCLUDE
     ignore: tuple[str, ...] = ()
+    int8_weight_only: tuple[str, ...] = ()
     calibration_batch_size: int = 4
     error_samples: int = 4
     """Calibration sequences on which the report measures each group's int8 error (0: skip)."""
 
     def __post_init__(self) -> None:
-        for name in ("include", "ignore"):
+        for name in ("include", "ignore", "int8_weight_only"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise ConfigError(f"{name} must be a tuple of non-empty pattern strings, got {patterns!r}")
@@ -117,6 +124,10 @@ class CompileConfig:
         if self.activations.policy is ActivationPolicy.ERROR_DRIVEN and self.error_samples == 0:
             raise ConfigError("activations.policy error_driven measures errors: error_samples must be at least 1")
 
+    def is_int8_weight_only(self, module_path: str) -> bool:
+        """Whether ``module_path`` matches an ``int8_weight_only`` pattern."""
+        return any(fnmatch.fnmatchcase(module_path, pattern) for pattern in self.int8_weight_only)
+
 
 def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     """The config as plain JSON-ready data (enums by value)."""
@@ -125,6 +136,7 @@ def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     data["activations"]["clip_ratios"] = list(config.activations.clip_ratios)
     data["weights"]["clip_ratios"] = list(config.weights.clip_ratios)
     data["include"], data["ignore"] = list(config.include), list(config.ignore)
+    data["int8_weight_only"] = list(config.int8_weight_only)
     return data
 
 

@@ -5,6 +5,7 @@ compile options are those of :class:`~fptq_compile.config.CompileConfig`::
 
     model = "path/to/model"          # omitted: the built-in SmolLM2-135M
     ignore = ["model.layers.0.*"]
+    int8_weight_only = ["lm_head"]   # int8 weights, float activations
 
     [calibration]
     source = "random"                # or a UTF-8 text file

@@ -11,6 +11,7 @@ op                                     ONNX
 ``quantize_per_token(x)``              ``Abs/ReduceMax/Div`` + ``QuantizeLinear``
 ``dequantize_per_token(q, scale)``     ``DequantizeLinear`` / ``Mul``
 ``dequantize_int4_groups(q, s, zp, g)``  ``DequantizeLinear(block_size=g)`` on INT4
+``dequantize_int8_groups(q, s, g)``      ``DequantizeLinear(block_size=g)`` on INT8
 =====================================  =============================================
 
 The kernels are the functions of :mod:`fptq_compile.primitives`, whose rounding and
@@ -75,9 +76,24 @@ def dequantize_int4_groups(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """The float weight ``[N, K]`` of int4 codes (held in int8) with per-group scales."""
-    return primitives.dequantize_int4_groups(codes, scale, zero_point, group_size)
+    return primitives.dequantize_groups(codes, scale, zero_point, group_size)
 
 
 @dequantize_int4_groups.register_fake
 def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    return torch.empty_like(codes, dtype=torch.float32)
+
+
+@torch.library.custom_op("fptq::dequantize_int8_groups", mutates_args=())
+def dequantize_int8_groups(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float weight ``[N, K]`` of symmetric int8 codes with per-group scales (weight-only layers).
+
+    Its own op, not ``dequantize_int4_groups`` with wider codes, so savers and exporters
+    know from the graph which codes they may pack two per byte.
+    """
+    return primitives.dequantize_groups(codes, scale, None, group_size)
+
+
+@dequantize_int8_groups.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.empty_like(codes, dtype=torch.float32)

@@ -239,11 +239,11 @@ def _linear_weight_bytes(graph_module: fx.GraphModule, plan: QuantPlan) -> int:
 
 
 def _compiled_weight_bytes(graph_module: fx.GraphModule) -> int:
-    """Bytes of the int4 weights (two per byte, as exporters pack them) with their scales."""
+    """Bytes of the quantized weights (int4 two per byte, as exporters pack them) with their scales."""
     total = 0
     for name, buffer in graph_module.named_buffers():
         if name.endswith("_weight_int4"):
             total += (buffer.numel() + 1) // 2
-        elif name.endswith(("_weight_scale", "_weight_zero_point")):
+        elif name.endswith(("_weight_int8", "_weight_scale", "_weight_zero_point")):
             total += buffer.numel() * buffer.element_size()
     return total

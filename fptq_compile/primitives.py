@@ -6,6 +6,7 @@ numbers are defined once. Conventions (those of DESIGN.md §6, compressed-tensor
 - int8 activations: symmetric, ``scale = absmax / 127.5``, codes clamped to [-128, 127];
 - int4 weights: group-wise along the input dimension, symmetric ``scale = absmax / 7.5``
   with codes in [-8, 7], or asymmetric ``scale = (max - min) / 15`` with an int4 zero point;
+- int8 weights (weight-only layers): group-wise, symmetric ``scale = absmax / 127.5``;
 - rounding is ``round(x / scale)``, half to even, exactly as ONNX ``QuantizeLinear``.
 """
 
@@ -59,11 +60,11 @@ def dequantize(
 
 
 @dataclass(frozen=True)
-class Int4Groups:
-    """A weight ``[out_features, in_features]`` as int4 codes with per-group scales.
+class WeightGroups:
+    """A weight ``[out_features, in_features]`` as int4 or int8 codes with per-group scales.
 
-    ``codes`` holds the int4 values in an int8 tensor (one value per byte; exporters pack
-    two per byte). ``scale`` and ``zero_point`` are ``[out_features, n_groups]`` with
+    ``codes`` holds the values in an int8 tensor (one value per byte; exporters pack int4
+    codes two per byte). ``scale`` and ``zero_point`` are ``[out_features, n_groups]`` with
     ``n_groups = ceil(in_features / group_size)``: the last group is partial when the
     input size is not a multiple of the group size.
     """
@@ -93,7 +94,7 @@ def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def quantize_int4_groups(
     weight: torch.Tensor, group_size: int, symmetric: bool = True, clip_ratios: Sequence[float] = ()
-) -> Int4Groups:
+) -> WeightGroups:
     """Round-to-nearest int4 quantization of ``weight [N, K]`` in groups along K.
 
     With ``clip_ratios``, each group's range is also tried shrunk to each of those
@@ -119,18 +120,18 @@ def quantize_int4_groups(
         zero_point = None
         if best.zero_point is not None and candidate.zero_point is not None:
             zero_point = torch.where(better, candidate.zero_point, best.zero_point)
-        best = Int4Groups(codes, torch.where(better, candidate.scale, best.scale), zero_point, group_size)
+        best = WeightGroups(codes, torch.where(better, candidate.scale, best.scale), zero_point, group_size)
     return best
 
 
-def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: bool, ratio: float) -> Int4Groups:
+def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: bool, ratio: float) -> WeightGroups:
     grouped = _group_view(weight, group_size)
     in_features = weight.shape[1]
     if symmetric:
         absmax = grouped.abs().amax(dim=-1) * ratio
         scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR
         codes = quantize_symmetric(weight, _expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
-        return Int4Groups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
+        return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
     group_min = torch.clamp(grouped.amin(dim=-1), max=0.0) * ratio
     group_max = torch.clamp(grouped.amax(dim=-1), min=0.0) * ratio
     scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
@@ -138,19 +139,29 @@ def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: boo
     full_scale = _expand_groups(scale, group_size, in_features)
     full_zero_point = _expand_groups(zero_point, group_size, in_features).to(torch.float32)
     codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
-    return Int4Groups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
+    return WeightGroups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
 
 
-def _group_squared_error(weight: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
+def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
+    """Round-to-nearest symmetric int8 quantization of ``weight [N, K]`` in groups along K."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    weight = weight.detach().to(torch.float32)
+    scale = int8_scale_from_absmax(_group_view(weight, group_size).abs().amax(dim=-1))
+    codes = quantize_symmetric(weight, _expand_groups(scale, group_size, weight.shape[1]), INT8_MIN, INT8_MAX)
+    return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
+
+
+def _group_squared_error(weight: torch.Tensor, groups: WeightGroups) -> torch.Tensor:
     """Per group ``[N, n_groups]``: the squared error of the dequantized weight."""
-    restored = dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
+    restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
     return _group_view((restored - weight).square(), groups.group_size).sum(dim=-1)
 
 
-def dequantize_int4_groups(
+def dequantize_groups(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """The float weight ``[N, K]`` that int4 ``codes`` and per-group ``scale`` stand for."""
+    """The float weight ``[N, K]`` that int4 or int8 ``codes`` and per-group ``scale`` stand for."""
     in_features = codes.shape[1]
     full_zero_point = None if zero_point is None else _expand_groups(zero_point, group_size, in_features)
     return dequantize(codes, _expand_groups(scale, group_size, in_features), full_zero_point)

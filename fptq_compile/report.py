@@ -123,7 +123,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
     model = Path(str(report["summary"].get("model") or "model")).name
     figure.suptitle(f"{model}: activation range and class per linear")
     for key, label, color in (
-        ("weight_sqnr_db", "weight int4 SQNR", "#636363"),
+        ("weight_sqnr_db", "weight SQNR", "#636363"),
         ("activation_sqnr_db", "activation int8 SQNR", "#e6550d"),
     ):
         points = [(row["index"], row[key]) for row in rows if row[key] is not None]

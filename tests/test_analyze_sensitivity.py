@@ -5,6 +5,7 @@ from conftest import collect_stats, lae_everywhere_config
 
 from fptq_compile.capture import select_linears
 from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig
+from fptq_compile.errors import ConfigError
 from fptq_compile.passes import analyze_sensitivity
 from fptq_compile.plan import ActivationClass, FoldKind, QuantPlan
 
@@ -96,3 +97,31 @@ def test_analysis_never_edits_the_graph_and_the_plan_round_trips(captured, token
     assert captured.graph_module.code == code
     assert QuantPlan.from_json(plan.to_json()) == plan
     assert [s.module_path for s in plan.skipped] == ["lm_head"]
+
+
+def test_int8_weight_only_layers_get_8_bit_weights_and_float_activations(captured, token_ids):
+    stats = collect_stats(captured, token_ids)
+    plan = _plan(
+        captured,
+        stats,
+        CompileConfig(activations=ActivationConfig(policy=ActivationPolicy.ALL_STATIC), int8_weight_only=("lm_head",)),
+    )
+    head = next(layer for layer in plan.layers if layer.module_path == "lm_head")
+    assert (head.weight.bits, head.weight.symmetric) == (8, True)
+    assert plan.group_of(head).activation.kind is ActivationClass.FLOAT
+    assert "int8_weight_only" in plan.group_of(head).reason
+    others = [layer for layer in plan.layers if layer is not head]
+    assert len(others) == 14 and all(layer.weight.bits == 4 for layer in others)
+    assert all(plan.group_of(layer).activation.kind is ActivationClass.STATIC for layer in others)
+    assert not any(skipped.module_path == "lm_head" for skipped in plan.skipped)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "message"),
+    [(("lm_heads",), "matches no linear"), (("*.q_proj",), "every linear reading one input")],
+)
+def test_int8_weight_only_refuses_a_typo_or_a_split_group(captured, token_ids, patterns, message):
+    stats = collect_stats(captured, token_ids)
+    with pytest.raises(ConfigError, match=message):
+        static = ActivationConfig(policy=ActivationPolicy.ALL_STATIC)
+        _plan(captured, stats, CompileConfig(activations=static, int8_weight_only=patterns))

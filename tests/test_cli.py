@@ -34,6 +34,8 @@ def compiled_folder(workspace) -> tuple[Path, dict]:
         "--calib",
         str(workspace / "calib.txt"),
         *SMALL,
+        "--int8-weight-only",
+        "lm_head",
         "--out",
         str(out),
         "--ppl",
@@ -75,6 +77,9 @@ def test_compile_writes_the_whole_folder(compiled_folder):
     resolved = json.loads((out / "fptq_config.json").read_text())
     assert resolved["calibration"] == {"source": str(out.parent / "calib.txt"), "samples": 4, "seq_len": 32}
     assert resolved["weights"]["group_size"] == 32
+    assert resolved["int8_weight_only"] == ["lm_head"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert [layer["module_path"] for layer in plan["layers"] if layer["weight"]["bits"] == 8] == ["lm_head"]
 
 
 def test_the_resolved_config_reruns_the_same_plan(compiled_folder, workspace, tmp_path):
@@ -149,6 +154,7 @@ def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
         "thresholds v0 >= v1": ([model, "--thresholds", "150", "15"], "0 < v0 < v1"),
         "config file with a typo": ([model, "--config", str(tmp_path / "bad.toml")], "unknown key weights.group_sise"),
         "output folder exists": ([model, "--out", str(tmp_path / "existing")], "exists; pass --overwrite"),
+        "int8 weight-only typo": ([model, "--int8-weight-only", "lm_heads"], "pattern 'lm_heads' matches no linear"),
     }
 
 
@@ -166,6 +172,7 @@ BAD_INPUT_CASES = (
     "thresholds v0 >= v1",
     "config file with a typo",
     "output folder exists",
+    "int8 weight-only typo",
 )
 
 

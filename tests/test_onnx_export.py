@@ -13,6 +13,7 @@ from conftest import tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.exporters import OnnxLayout, export_folder, export_onnx
+from fptq_compile.exporters.onnx_ort_fusions import OrtFusions
 from fptq_compile.runtime import OrtCausalLM, session_options
 
 POLICIES = {
@@ -46,21 +47,26 @@ def fptq_model():
 def test_structure_int4_weights_and_activation_qdq(fptq_model, tmp_path, layout):
     result = export_onnx(fptq_model, tmp_path / "model.onnx", layout)
     model = onnx.load(result.path)
+    assert result.int4_initializers == 14
+    # The ORT layout merges q/k/v and gate/up: 4 int4 weights per layer instead of 7.
+    weights = 14 if layout is OnnxLayout.QDQ else 8
+    assert result.merged_matmuls == (0 if layout is OnnxLayout.QDQ else 4)
     int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == result.int4_initializers == 14
+    assert len(int4) == weights
     blocked = [
         n
         for n in model.graph.node
         if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i == 32 for a in n.attribute)
     ]
-    assert len(blocked) == 14
+    assert len(blocked) == weights
     axes = {next(a.i for a in n.attribute if a.name == "axis") for n in blocked}
     assert axes == ({0} if layout is OnnxLayout.ORT else {1})
     groups = fptq_model.plan.groups
     counts = _op_counts(model)
     # One activation Q/DQ chain per group (q/k/v and gate/up share theirs).
     assert counts["QuantizeLinear"] == len(groups) == 8
-    assert counts["ReduceMax"] == sum(g.activation.kind is fptq.ActivationClass.DYNAMIC for g in groups)
+    # Per-token chains start with Abs (GroupQueryAttention's sequence lengths use ReduceMax too).
+    assert counts["Abs"] == sum(g.activation.kind is fptq.ActivationClass.DYNAMIC for g in groups)
     assert [i.name for i in model.graph.input][:2] == ["input_ids", "past_key_values.0.key"]
     assert [o.name for o in model.graph.output][:2] == ["logits", "present.0.key"]
     onnx.checker.check_model(model, full_check=True)
@@ -92,20 +98,51 @@ def test_ort_matches_the_torch_reference(tmp_path, policy, layout):
     assert relative < 1e-3
 
 
-def test_ort_layout_fuses_every_int4_matmul(fptq_model, tmp_path):
-    export_onnx(fptq_model, tmp_path / "model.onnx", OnnxLayout.ORT)
+def _optimized_by_ort(path, tmp_path) -> onnx.ModelProto:
+    """The model as ONNX Runtime CPU runs it, after its own graph fusions."""
     options = session_options(exact=True)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    assert _op_counts(onnx.load(tmp_path / "optimized.onnx"))["MatMulNBits"] == 14
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(tmp_path / "optimized.onnx")
 
 
-def test_partial_last_group_and_asymmetric_weights(tmp_path):
+def test_layouts_ops_domains_and_fusions(fptq_model, tmp_path):
+    ort_export = export_onnx(fptq_model, tmp_path / "ort.onnx", OnnxLayout.ORT)
+    assert ort_export.fusions == OrtFusions(attention=2, skip_rms_norm=4, rms_norm_restored=1)
+    counts = _op_counts(onnx.load(ort_export.path))
+    assert counts["GroupQueryAttention"] == 2 and counts["SkipSimplifiedLayerNormalization"] == 4
+    assert counts["Slice"] == 4  # gate and up out of their merged MatMul; q/k/v go packed into the attention
+    # Every merged int4 linear fuses into MatMulNBits when ORT loads the model.
+    assert _op_counts(_optimized_by_ort(ort_export.path, tmp_path))["MatMulNBits"] == 8
+    qdq_export = export_onnx(fptq_model, tmp_path / "qdq.onnx", OnnxLayout.QDQ)
+    assert {node.domain for node in onnx.load(qdq_export.path).graph.node} == {""}  # portable: standard ops only
+
+
+def test_attention_fusion_reports_layers_it_missed(tmp_path):
+    import onnx_ir as ir
+
+    from fptq_compile.exporters.onnx_ort_fusions import fuse_for_onnx_runtime
+
+    compiled = _compile("all_dynamic")
+    export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.QDQ)
+    with pytest.warns(UserWarning, match="matched 2 of 3 layers"):
+        fuse_for_onnx_runtime(ir.load(tmp_path / "model.onnx"), num_layers=3)
+
+
+@pytest.mark.parametrize("layout", list(OnnxLayout))
+def test_partial_last_group_and_asymmetric_weights(tmp_path, layout):
     compiled = _compile("all_dynamic", intermediate=80, group_size=64, symmetric=False)
-    export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.ORT)
+    export_onnx(compiled, tmp_path / "model.onnx", layout)
     model = onnx.load(tmp_path / "model.onnx")
-    zero_points = [t for t in model.graph.initializer if t.name.endswith("_weight_zero_point")]
-    assert len(zero_points) == 14 and all(t.data_type == onnx.TensorProto.INT4 for t in zero_points)
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i > 0 for a in n.attribute)
+    ]
+    zero_points = [initializers[n.input[2]] for n in weights if len(n.input) > 2]
+    assert len(zero_points) == (14 if layout is OnnxLayout.QDQ else 8)  # ORT: q/k/v and gate/up merged
+    assert all(t.data_type == onnx.TensorProto.INT4 for t in zero_points)
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
     reference = compiled(ids)
     ort_logits = OrtCausalLM.load(tmp_path / "model.onnx")(ids)
@@ -188,3 +225,21 @@ def test_folder_loads_and_generates_in_onnxruntime_genai(fptq_model, tmp_path):
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == fptq.generate_ids(session, torch.from_numpy(prompt[0].astype(np.int64)), 8).tolist()
+
+
+def test_int8_weight_only_lm_head_runs_as_8_bit_matmul(tmp_path):
+    config = fptq.CompileConfig(weights=fptq.WeightConfig(group_size=32), int8_weight_only=("lm_head",))
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    compiled = fptq.compile(tiny_llama(), ids, config, progress=False)
+    result = export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.ORT)
+    model = onnx.load(result.path)
+    (codes,) = [t for t in model.graph.initializer if t.name.endswith("_weight_int8")]
+    assert codes.data_type == onnx.TensorProto.INT8  # never packed as int4
+    optimized = _optimized_by_ort(result.path, tmp_path)
+    bits = sorted(
+        a.i for n in optimized.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    )
+    assert bits == [4] * 8 + [8]
+    reference = compiled(ids)
+    relative = float((OrtCausalLM.load(result.path)(ids) - reference).abs().max() / reference.abs().max())
+    assert relative < 1e-3

@@ -16,7 +16,7 @@ def test_symmetric_int4_groups_use_the_full_code_range_and_round_trip():
     assert groups.scale.shape == (8, 2) and groups.zero_point is None
     # The absmax of each group maps to +-7.5, i.e. code 7 or -8.
     torch.testing.assert_close(groups.scale, weight.reshape(8, 2, 128).abs().amax(-1) / 7.5)
-    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, None, 128)
+    restored = primitives.dequantize_groups(groups.codes, groups.scale, None, 128)
     assert primitives.sqnr_db(weight, restored) > 18.0
 
 
@@ -27,7 +27,7 @@ def test_partial_last_group_is_quantized_with_its_own_scale():
     groups = primitives.quantize_int4_groups(weight, group_size=128)
     assert groups.scale.shape == (4, 5)
     torch.testing.assert_close(groups.scale[:, 4], weight[:, 512:].abs().amax(-1) / 7.5)
-    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, None, 128)
+    restored = primitives.dequantize_groups(groups.codes, groups.scale, None, 128)
     assert restored.shape == weight.shape
     assert primitives.sqnr_db(weight[:, :512], restored[:, :512]) > 18.0
 
@@ -37,9 +37,9 @@ def test_asymmetric_int4_groups_cover_min_and_max_exactly():
     groups = primitives.quantize_int4_groups(weight, group_size=32, symmetric=False)
     assert groups.zero_point is not None and groups.zero_point.shape == (6, 2)
     assert int(groups.codes.min()) >= -8 and int(groups.codes.max()) <= 7
-    restored = primitives.dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, 32)
+    restored = primitives.dequantize_groups(groups.codes, groups.scale, groups.zero_point, 32)
     symmetric = primitives.quantize_int4_groups(weight, group_size=32, symmetric=True)
-    symmetric_restored = primitives.dequantize_int4_groups(symmetric.codes, symmetric.scale, None, 32)
+    symmetric_restored = primitives.dequantize_groups(symmetric.codes, symmetric.scale, None, 32)
     # A one-sided weight wastes half the symmetric grid: asymmetric must do better.
     assert primitives.sqnr_db(weight, restored) > primitives.sqnr_db(weight, symmetric_restored)
 
@@ -77,12 +77,12 @@ def test_equalized_absmax_is_exact():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_clip_search_never_loses_to_the_full_range_and_wins_on_gaussian_weights(symmetric):
-    from fptq_compile.primitives import _group_view, dequantize_int4_groups, quantize_int4_groups
+    from fptq_compile.primitives import _group_view, dequantize_groups, quantize_int4_groups
 
     weight = torch.randn(32, 200, generator=torch.Generator().manual_seed(0))
 
     def group_errors(groups):
-        restored = dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, 64)
+        restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, 64)
         return _group_view((restored - weight).square(), 64).sum(-1)
 
     full = group_errors(quantize_int4_groups(weight, 64, symmetric))

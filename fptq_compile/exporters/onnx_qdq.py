@@ -33,7 +33,13 @@ import torch
 
 from fptq_compile.capture import KVCacheLayout, cache_signature
 from fptq_compile.errors import ExportError
-from fptq_compile.exporters.onnx_rewrites import int4_weights_k_major, pack_int4_weights, static_qdq_as_unit_scale
+from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
+from fptq_compile.exporters.onnx_rewrites import (
+    int4_weights_k_major,
+    merge_parallel_matmuls,
+    pack_int4_weights,
+    static_qdq_as_unit_scale,
+)
 from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
 from fptq_compile.pipeline import CompiledModel
 
@@ -57,6 +63,8 @@ class OnnxExport:
     int4_initializers: int
     k_major_weights: int
     file_bytes: int
+    merged_matmuls: int = 0
+    fusions: OrtFusions | None = None
 
 
 def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
@@ -98,13 +106,17 @@ def export_onnx(
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     model: ir.Model = program.model
-    k_major = 0
+    k_major = merged = 0
+    fusions = None
     if layout is OnnxLayout.ORT:
         k_major = int4_weights_k_major(model)
         static_qdq_as_unit_scale(model)
-    packed = pack_int4_weights(model)
+    packed = pack_int4_weights(model)  # by tensor name, so before merging renames them
+    if layout is OnnxLayout.ORT:
+        merged = merge_parallel_matmuls(model)
+        fusions = fuse_for_onnx_runtime(model, kv_layout.num_layers)
     _save_checked(model, destination)
-    return OnnxExport(destination, layout, packed, k_major, _file_bytes(destination))
+    return OnnxExport(destination, layout, packed, k_major, _file_bytes(destination), merged, fusions)
 
 
 def _save_checked(model: ir.Model, destination: Path) -> None:

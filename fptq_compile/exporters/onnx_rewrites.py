@@ -5,9 +5,14 @@
 - :func:`int4_weights_k_major`: ``DequantizeLinear(W[N, K], axis=1) -> Transpose -> MatMul``
   becomes ``DequantizeLinear(W[K, N], axis=0) -> MatMul``, the layout ONNX Runtime CPU
   fuses into ``MatMulNBits``. Same numbers, data reordered.
+- :func:`static_qdq_as_unit_scale`: static Q/DQ pairs with unit scales between a Div and a
+  Mul, so that fusion is not blocked.
+- :func:`merge_parallel_matmuls`: MatMuls reading one activation become one wider MatMul.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -39,13 +44,19 @@ def _set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.shape = ir.Shape(array.shape)
 
 
+# Names the W4A8 pass gives int4 weight tensors (int8 weight-only codes end in ``_weight_int8``).
+INT4_TENSOR_SUFFIXES = ("_weight_int4", "_weight_zero_point")
+
+
 def pack_int4_weights(model: ir.Model) -> int:
-    """Store every blocked ``DequantizeLinear``'s int8-held codes (and zero points) as INT4."""
+    """Store every blocked ``DequantizeLinear``'s int4 codes and zero points, held in int8, as INT4."""
     packed = 0
     for node in _blocked_dequantize_nodes(model):
         for value in (node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None):
             array = _constant(value, node)
             if value is None or array is None or array.dtype != np.int8:
+                continue
+            if not (value.name or "").endswith(INT4_TENSOR_SUFFIXES):
                 continue
             if array.min() < -8 or array.max() > 7:
                 raise ExportError(f"{node.name}: {value.name} holds values outside int4 [-8, 7]")
@@ -108,16 +119,146 @@ def static_qdq_as_unit_scale(model: ir.Model) -> int:
             model.graph.register_initializer(one)
         scale_value = quantize.inputs[1]
         assert scale_value is not None  # _scalar checked it
-        divide = ir.node("Div", inputs=[quantize.inputs[0], scale_value])
+        activation = quantize.inputs[0]
+        assert activation is not None  # a QuantizeLinear has its input
+        divide = ir.node("Div", inputs=[activation, scale_value])
+        typed_like(divide.outputs[0], activation)
         model.graph.insert_before(quantize, divide)
         quantize.replace_input_with(0, divide.outputs[0])
         quantize.replace_input_with(1, one)
         for dequantize in consumers:
             dequantize.replace_input_with(1, one)
             multiply = ir.node("Mul", inputs=[dequantize.outputs[0], scale_value])
+            typed_like(multiply.outputs[0], activation)
             model.graph.insert_after(dequantize, multiply)
             for use in list(dequantize.outputs[0].uses()):
                 if use.node is not multiply:
                     use.node.replace_input_with(use.idx, multiply.outputs[0])
         rewritten += 1
     return rewritten
+
+
+def typed_like(value: ir.Value, like: ir.Value, shape: ir.Shape | None = None) -> ir.Value:
+    """Give a new node's output ``like``'s element type and shape (or ``shape``), for shape inference."""
+    value.shape = shape if shape is not None else like.shape
+    if like.dtype is not None:
+        value.dtype = like.dtype
+    return value
+
+
+@dataclass(frozen=True)
+class _ConstantMatMul:
+    """A MatMul whose right operand is constant: a float ``[K, N]`` initializer, or a blocked
+    ``DequantizeLinear(axis=0)`` of initializers (``arrays``: codes, scale, zero point)."""
+
+    matmul: ir.Node
+    dequantize: ir.Node | None
+    arrays: tuple[np.ndarray, ...]
+
+    @property
+    def out_features(self) -> int:
+        return int(self.arrays[0].shape[1])
+
+    def merge_key(self) -> tuple[object, ...]:
+        """Equal for MatMuls that one wider MatMul can replace: same block size, dtypes and K."""
+        block = None if self.dequantize is None else self.dequantize.attributes.get_int("block_size", 0)
+        return (block, tuple((array.dtype, array.shape[0]) for array in self.arrays))
+
+
+def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
+    weight = node.inputs[1]
+    if weight is None:
+        return None
+    if weight.const_value is not None:
+        array = weight.const_value.numpy()
+        return _ConstantMatMul(node, None, (array,)) if array.ndim == 2 else None
+    dequantize = weight.producer()
+    if (
+        dequantize is None
+        or dequantize.op_type != "DequantizeLinear"
+        or dequantize.attributes.get_int("block_size", 0) <= 0
+        or dequantize.attributes.get_int("axis", 1) != 0
+        or len(weight.uses()) != 1
+    ):
+        return None
+    arrays = [value.const_value.numpy() if value and value.const_value else None for value in dequantize.inputs]
+    if any(array is None for array in arrays):
+        return None
+    return _ConstantMatMul(node, dequantize, tuple(array for array in arrays if array is not None))
+
+
+def merge_parallel_matmuls(model: ir.Model) -> int:
+    """Merge MatMuls that read one activation (q/k/v, gate/up) into one wide MatMul.
+
+    ``MatMul(x, W_i)`` for i = 1..n, each ``W_i`` a ``[K, N_i]`` initializer or a blocked
+    ``DequantizeLinear(axis=0)`` of one, becomes ``MatMul(x, concat(W_i))`` followed by one
+    ``Slice`` per former output (on the last axis). Columns are independent and the int4
+    blocks run along K, so the numbers are the same; ONNX Runtime then runs one
+    ``MatMulNBits`` instead of n, and fuses sliced q/k/v into its attention op's packed
+    input. Only ``[batch, sequence, features]`` activations are merged. Returns the number
+    of merged groups.
+    """
+    by_input: dict[ir.Value, list[_ConstantMatMul]] = {}
+    for node in model.graph:
+        if node.op_type == "MatMul" and node.inputs[0] is not None:
+            found = _constant_matmul(node)
+            if found is not None:
+                by_input.setdefault(node.inputs[0], []).append(found)
+    merged = 0
+    for activation, group in by_input.items():
+        shape = group[0].matmul.outputs[0].shape
+        if (
+            len(group) < 2
+            or len({member.merge_key() for member in group}) != 1
+            or shape is None
+            or len(shape) != 3
+            or any(member.matmul.outputs[0].is_graph_output() for member in group)
+        ):
+            continue
+        _merge_group(model, activation, group, f"fptq_merged_{merged}")
+        merged += 1
+    return merged
+
+
+def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    model.graph.register_initializer(value)
+    return value
+
+
+def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMatMul], prefix: str) -> None:
+    first = group[0]
+    concatenated = [np.concatenate(arrays, axis=1) for arrays in zip(*(member.arrays for member in group), strict=True)]
+    weights = [_initializer(model, f"{prefix}_{role}", array) for role, array in zip("wsz", concatenated, strict=False)]
+    if first.dequantize is None:
+        weight = weights[0]
+    else:
+        block_size = first.dequantize.attributes.get_int("block_size", 0)
+        dequantize = ir.node("DequantizeLinear", inputs=weights, attributes={"axis": 0, "block_size": block_size})
+        model.graph.insert_before(first.matmul, dequantize)
+        weight = dequantize.outputs[0]
+    matmul = ir.node("MatMul", inputs=[activation, weight])
+    model.graph.insert_before(first.matmul, matmul)
+    output = first.matmul.outputs[0]
+    assert output.shape is not None  # merge_parallel_matmuls checked it
+    typed_like(matmul.outputs[0], output, ir.Shape([*list(output.shape)[:-1], concatenated[0].shape[1]]))
+    axes = _initializer(model, f"{prefix}_axes", np.array([2], dtype=np.int64))
+    steps = _initializer(model, f"{prefix}_steps", np.array([1], dtype=np.int64))
+    start = 0
+    for position, member in enumerate(group):
+        end = start + member.out_features
+        starts = _initializer(model, f"{prefix}_{position}_start", np.array([start], dtype=np.int64))
+        ends = _initializer(model, f"{prefix}_{position}_end", np.array([end], dtype=np.int64))
+        piece = ir.node("Slice", inputs=[matmul.outputs[0], starts, ends, axes, steps])
+        model.graph.insert_before(first.matmul, piece)
+        typed_like(piece.outputs[0], member.matmul.outputs[0])
+        ir.convenience.replace_all_uses_with(member.matmul.outputs[0], piece.outputs[0])
+        start = end
+    for member in group:
+        replaced = [member.matmul, *([member.dequantize] if member.dequantize else [])]
+        constants = member.dequantize.inputs if member.dequantize else member.matmul.inputs[1:]
+        model.graph.remove(replaced, safe=True)
+        for value in constants:  # the separate weights, now unused
+            if value is not None and value.name and value.name in model.graph.initializers and not value.uses():
+                model.graph.initializers.pop(value.name)

@@ -50,10 +50,16 @@ def dequantize_int4_groups(codes: Any, scale: Any, zero_point: Any, group_size: 
     return op.DequantizeLinear(codes, scale, zero_point, axis=1, block_size=group_size)
 
 
+def dequantize_int8_groups(codes: Any, scale: Any, group_size: int) -> Any:
+    """Blocked ``DequantizeLinear`` of int8 ``[N, K]`` codes (weight-only layers; never packed)."""
+    return op.DequantizeLinear(codes, scale, axis=1, block_size=group_size)
+
+
 TRANSLATION_TABLE: dict[Any, Any] = {
     torch.ops.fptq.quantize_per_tensor.default: quantize_per_tensor,
     torch.ops.fptq.dequantize_per_tensor.default: dequantize_per_tensor,
     torch.ops.fptq.quantize_per_token.default: quantize_per_token,
     torch.ops.fptq.dequantize_per_token.default: dequantize_per_token,
     torch.ops.fptq.dequantize_int4_groups.default: dequantize_int4_groups,
+    torch.ops.fptq.dequantize_int8_groups.default: dequantize_int8_groups,
 }

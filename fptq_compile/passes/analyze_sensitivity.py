@@ -27,7 +27,7 @@ from torch import fx
 
 from fptq_compile.capture import LinearSite, module_path_of
 from fptq_compile.config import ActivationPolicy, CompileConfig
-from fptq_compile.errors import CalibrationError
+from fptq_compile.errors import CalibrationError, ConfigError
 from fptq_compile.graph_utils import fetch_tensor, find_node
 from fptq_compile.passes.insert_observers import ActivationStats
 from fptq_compile.passes.measure_activation_error import ActivationErrors, Candidate, GroupCandidates
@@ -64,17 +64,29 @@ def analyze_sensitivity(
     if config.activations.policy is ActivationPolicy.ERROR_DRIVEN and errors is None:
         raise CalibrationError("the error_driven policy needs measured candidate errors")
     weights = config.weights
-    weight = WeightSpec(4, weights.group_size, weights.symmetric, weights.clip_ratios)
+    int4 = WeightSpec(4, weights.group_size, weights.symmetric, weights.clip_ratios)
+    int8 = WeightSpec(8, weights.group_size, True)
     groups = []
     for input_node, members in _groups_of(linears).items():
         missing = [site.node for site in members if site.node not in stats.per_linear]
         if missing:
             raise CalibrationError(f"no calibration statistics for {', '.join(missing)} ({members[0].module_path})")
         measured = None if errors is None else errors.sqnr_db.get(input_node)
-        groups.append(_decide(graph_module, input_node, members, stats, config, measured))
+        if _is_weight_only_group(members, config):
+            group = _Group(
+                input_node, tuple(site.node for site in members), stats[members[0].node].channel_absmax, None
+            )
+            groups.append(group.weight_only("int8 weight-only layer (int8_weight_only): activations stay float"))
+        else:
+            groups.append(_decide(graph_module, input_node, members, stats, config, measured))
     if config.activations.policy is ActivationPolicy.ERROR_DRIVEN:
         groups = _keep_static_share(groups, config)
-    layers = tuple(LayerPlan(site.node, site.module_path, weight, site.input_node) for site in linears)
+    layers = tuple(
+        LayerPlan(
+            site.node, site.module_path, int8 if config.is_int8_weight_only(site.module_path) else int4, site.input_node
+        )
+        for site in linears
+    )
     return QuantPlan(
         policy=config.activations.policy.value,
         static_threshold=config.activations.static_threshold,
@@ -108,6 +120,8 @@ def activation_candidates(
     """
     candidates = []
     for input_node, members in _groups_of(linears).items():
+        if _is_weight_only_group(members, config):
+            continue  # float activations: nothing to choose
         channel_absmax = stats[members[0].node].channel_absmax
         static_scale = float(int8_scale_from_absmax(float(channel_absmax.max())))
         options = {name: Candidate(static_scale * ratio) for name, ratio in _static_ratios(config).items()}
@@ -120,6 +134,17 @@ def activation_candidates(
         options[DYNAMIC] = Candidate()
         candidates.append(GroupCandidates(input_node, names, options))
     return tuple(candidates)
+
+
+def _is_weight_only_group(members: Sequence[LinearSite], config: CompileConfig) -> bool:
+    """Whether a group's linears are int8 weight-only layers (all of them, or refused)."""
+    weight_only = [config.is_int8_weight_only(site.module_path) for site in members]
+    if any(weight_only) and not all(weight_only):
+        paths = ", ".join(site.module_path for site in members)
+        raise ConfigError(
+            f"int8_weight_only must name every linear reading one input or none of them: {paths} share theirs"
+        )
+    return all(weight_only)
 
 
 def _groups_of(linears: Sequence[LinearSite]) -> dict[str, list[LinearSite]]:
@@ -238,7 +263,8 @@ def _keep_static_share(groups: list[ActivationGroup], config: CompileConfig) -> 
     """Move the dynamic groups whose best static candidate measured best back to static until
     at least ``min_fraction`` of the linears are static (static is what int8 hardware runs fast)."""
     min_fraction, ratios = config.activations.min_static_fraction, _static_ratios(config)
-    total = sum(len(group.linears) for group in groups)
+    quantized = [group for group in groups if group.activation.kind is not ActivationClass.FLOAT]
+    total = sum(len(group.linears) for group in quantized)
     static_kinds = (ActivationClass.STATIC, ActivationClass.LAE_STATIC)
     static = sum(len(group.linears) for group in groups if group.activation.kind in static_kinds)
     dynamic = [index for index, group in enumerate(groups) if group.activation.kind is ActivationClass.DYNAMIC]

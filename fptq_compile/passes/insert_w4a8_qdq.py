@@ -7,6 +7,9 @@ After:  ``linear(x_dq, dequantize_int4_groups(Wq, Ws, Wz, g), b)`` where ``x_dq`
 - dynamic: ``q, s = quantize_per_token(x)``; ``dequantize_per_token(q, s)``;
 - float (weight-only): ``x`` itself.
 
+Linears the plan gives 8-bit weights (weight-only layers such as ``lm_head``) read
+``dequantize_int8_groups(Wq, Ws, g)`` instead: symmetric int8 groups, float activations.
+
 ``Wq`` holds real int4 values (in an int8 tensor, one per byte) with per-group scales
 ``Ws`` (and int4 zero points ``Wz`` when asymmetric), registered as buffers that
 exporters emit as they are. The ops are ``torch.ops.fptq.*`` (see :mod:`fptq_compile.ops`).
@@ -30,7 +33,7 @@ from fptq_compile.graph_utils import add_constant, fetch_tensor, find_node
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
-from fptq_compile.primitives import dequantize_int4_groups, quantize_int4_groups, sqnr_db
+from fptq_compile.primitives import dequantize_groups, quantize_int4_groups, quantize_int8_groups, sqnr_db
 
 fptq_ops = torch.ops.fptq
 
@@ -75,26 +78,35 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
 
 
 def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> float:
-    """Swap the weight for its int4 groups; return their SQNR in dB against the float weight."""
+    """Swap the weight for its int4 (or int8) groups; return their SQNR in dB against the float weight."""
     weight_node = linear.args[1]
     if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
         raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
     weight = fetch_tensor(graph_module, str(weight_node.target))
     spec = layer.weight
-    groups = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
-    codes = add_constant(graph_module, f"fptq_{linear.name}_weight_int4", groups.codes, before=linear)
-    scale = add_constant(graph_module, f"fptq_{linear.name}_weight_scale", groups.scale, before=linear)
-    zero_point = None
-    if groups.zero_point is not None:
-        zero_point = add_constant(
-            graph_module, f"fptq_{linear.name}_weight_zero_point", groups.zero_point, before=linear
-        )
+    if spec.bits == 8:
+        groups = quantize_int8_groups(weight, spec.group_size)
+    elif spec.bits == 4:
+        groups = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
+    else:
+        raise PreconditionError(f"{layer.node} ({layer.module_path}): {spec.bits}-bit weights are not supported")
+    prefix = f"fptq_{linear.name}_weight"
+    codes = add_constant(graph_module, f"{prefix}_int{spec.bits}", groups.codes, before=linear)
+    scale = add_constant(graph_module, f"{prefix}_scale", groups.scale, before=linear)
     with graph_module.graph.inserting_before(linear):
-        dequantized = graph_module.graph.call_function(
-            fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)
-        )
+        if spec.bits == 8:
+            dequantized = graph_module.graph.call_function(
+                fptq_ops.dequantize_int8_groups.default, (codes, scale, groups.group_size)
+            )
+        else:
+            zero_point = None
+            if groups.zero_point is not None:
+                zero_point = add_constant(graph_module, f"{prefix}_zero_point", groups.zero_point, before=linear)
+            dequantized = graph_module.graph.call_function(
+                fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)
+            )
     linear.update_arg(1, dequantized)
-    return sqnr_db(weight, dequantize_int4_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size))
+    return sqnr_db(weight, dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size))
 
 
 def _quantize_activation(graph_module: fx.GraphModule, activation: fx.Node, group: ActivationGroup) -> fx.Node:
