@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from fptq_compile.errors import ConfigError
 
 PLAN_FORMAT_VERSION = 1
@@ -44,6 +46,9 @@ class FoldKind(enum.Enum):
     """``aten.layer_norm(x, shape, weight, bias)``: weight and bias are divided by s."""
     LINEAR_ROWS = "linear_rows"
     """``mul(act(gate(x)), up(x))`` (a gated MLP): the rows of ``up``'s weight and bias are divided by s."""
+    ATTENTION_VALUE = "attention_value"
+    """``attention(q, k, v(x))`` feeding o_proj: the rows of ``v``'s weight and bias are divided by s, one
+    scale per key/value channel, shared by the query heads of its group (grouped-query attention)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,17 @@ class FoldTarget:
     kind: FoldKind
     node: str
     module_path: str
+    head_dim: int = 0
+    """``ATTENTION_VALUE`` only: channels per head."""
+    query_heads_per_kv_head: int = 0
+    """``ATTENTION_VALUE`` only: how many query heads read each key/value head."""
+
+    def kv_channel_of(self, channels: int) -> torch.Tensor:
+        """``ATTENTION_VALUE``: for each of the ``channels`` attention-output channels
+        (``head * head_dim + d``), the value channel it reads (``head // group * head_dim + d``)."""
+        channel = torch.arange(channels)
+        head, within = channel // self.head_dim, channel % self.head_dim
+        return head // self.query_heads_per_kv_head * self.head_dim + within
 
 
 @dataclass(frozen=True)
@@ -227,7 +243,7 @@ def _group_to_dict(group: ActivationGroup) -> dict[str, Any]:
             "scale": group.activation.scale,
         },
         "reason": group.reason,
-        "fold": None if fold is None else {"kind": fold.kind.value, "node": fold.node, "module_path": fold.module_path},
+        "fold": None if fold is None else {**vars(fold), "kind": fold.kind.value},
         "lae_scale": None if group.lae_scale is None else list(group.lae_scale),
         "candidate": group.candidate,
         "candidate_sqnr_db": group.candidate_sqnr_db,
@@ -245,7 +261,7 @@ def _group_from_dict(data: dict[str, Any]) -> ActivationGroup:
             kind=ActivationClass(activation["kind"]), bits=int(activation["bits"]), scale=activation["scale"]
         ),
         reason=data["reason"],
-        fold=None if fold is None else FoldTarget(FoldKind(fold["kind"]), fold["node"], fold["module_path"]),
+        fold=None if fold is None else FoldTarget(**{**fold, "kind": FoldKind(fold["kind"])}),
         lae_scale=None if data["lae_scale"] is None else tuple(float(v) for v in data["lae_scale"]),
         candidate=data.get("candidate"),
         candidate_sqnr_db=data.get("candidate_sqnr_db"),

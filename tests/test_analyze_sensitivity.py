@@ -7,6 +7,7 @@ from fptq_compile.capture import select_linears
 from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig
 from fptq_compile.errors import ConfigError
 from fptq_compile.passes import analyze_sensitivity
+from fptq_compile.passes.analyze_sensitivity import find_fold_target
 from fptq_compile.plan import ActivationClass, FoldKind, QuantPlan
 
 
@@ -50,16 +51,15 @@ def test_linears_sharing_an_input_share_one_decision_and_scale(captured, token_i
     assert group.activation.scale < group.activation_absmax / 127.5
 
 
-def test_lae_candidate_without_a_foldable_norm_falls_back_to_dynamic(captured, token_ids):
+def test_lae_folds_everywhere_and_refuses_a_shared_attention_output(captured, token_ids):
     stats = collect_stats(captured, token_ids)
     plan = _plan(captured, stats, lae_everywhere_config(stats))
-    for layer in plan.layers:
-        group = plan.group_of(layer)
-        if layer.module_path.endswith("o_proj"):  # fed by attention: no fold in this version
-            assert group.activation.kind is ActivationClass.DYNAMIC
-            assert "LAE candidate but" in group.reason
-        else:  # norms for q/k/v and gate/up, up_proj's rows for down_proj
-            assert group.activation.kind is ActivationClass.LAE_STATIC
+    # Norms for q/k/v and gate/up, v_proj's rows for o_proj, up_proj's rows for down_proj.
+    assert all(plan.group_of(layer).activation.kind is ActivationClass.LAE_STATIC for layer in plan.layers)
+    o_proj = next(site for site in captured.linears if site.module_path.endswith("0.self_attn.o_proj"))
+    # An attention output read by anything besides the group's linears cannot take the scale.
+    fold, reason = find_fold_target(captured.graph_module, o_proj.input_node, linears=())
+    assert fold is None and f"also feeds {o_proj.node}" in reason
 
 
 def test_a_norm_that_also_feeds_an_ignored_linear_is_not_folded(captured, token_ids):

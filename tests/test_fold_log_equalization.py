@@ -26,16 +26,40 @@ def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
 
 def test_folding_is_exact_in_float(llama, captured, token_ids):
     plan = _lae_plan(captured, token_ids)
-    # q/k/v and gate/up (into the norms) and down_proj (into up_proj's rows) of both layers.
-    assert plan.activation_class_counts()["lae_static"] == 12
+    # q/k/v and gate/up (into the norms), o_proj (into v_proj's rows) and down_proj (into
+    # up_proj's rows) of both layers: every linear.
+    assert plan.activation_class_counts()["lae_static"] == 14
     kinds = sorted(group.fold.kind.value for group in plan.groups if group.fold is not None)
-    assert kinds == ["linear_rows"] * 2 + ["rms_norm"] * 4
+    assert kinds == ["attention_value"] * 2 + ["linear_rows"] * 2 + ["rms_norm"] * 4
     with torch.no_grad():
         reference = llama(token_ids).logits
         result = fold_log_equalization(captured.graph_module, plan)
         folded = captured.logits(token_ids)
-    assert result.modified and result.report["folded_groups"] == 6
+        # The key/value cache holds the folded values: decoding from it stays exact too.
+        _, cache = captured.graph_module(token_ids[:, :20], captured.kv_layout.empty(token_ids.shape[0]))
+        step, _ = captured.graph_module(token_ids[:, 20:21], cache)
+    assert result.modified and result.report["folded_groups"] == 8
     assert _relative_error(reference, folded) < 1e-5
+    assert _relative_error(reference[:, 20], step[:, -1]) < 1e-5
+
+
+def test_the_v_proj_rows_take_the_o_proj_scale_shared_by_query_heads(llama, captured, token_ids):
+    plan = _lae_plan(captured, token_ids)
+    o_proj = next(g for g in plan.groups if g.fold is not None and g.fold.kind is FoldKind.ATTENTION_VALUE)
+    assert o_proj.fold.module_path == "model.layers.0.self_attn.v_proj"
+    assert (o_proj.fold.head_dim, o_proj.fold.query_heads_per_kv_head) == (16, 2)  # 4 heads, 2 key/value heads
+    scale = torch.tensor(o_proj.lae_scale).reshape(4, 16)
+    torch.testing.assert_close(scale[0], scale[1])  # heads 0 and 1 read value head 0
+    torch.testing.assert_close(scale[2], scale[3])
+    assert not torch.equal(scale[0], scale[2])
+    fold_log_equalization(captured.graph_module, plan)
+    v_node = next(n for n in captured.graph_module.graph.nodes if n.name == o_proj.fold.node)
+    v_weight = getattr(captured.graph_module, v_node.args[1].target)
+    # v_proj's columns also took the q/k/v group's norm scale: undo it to see the rows alone.
+    qkv = next(g for g in plan.groups if o_proj.fold.node in g.linears)
+    rows = scale[::2].reshape(-1)
+    expected = llama.model.layers[0].self_attn.v_proj.weight / rows[:, None] * torch.tensor(qkv.lae_scale)
+    torch.testing.assert_close(v_weight, expected)
 
 
 def test_the_up_proj_rows_take_the_down_proj_scale(llama, captured, token_ids):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import fx
@@ -46,6 +46,7 @@ from fptq_compile.primitives import equalized_absmax, int8_scale_from_absmax, lo
 
 _MUL = torch.ops.aten.mul.Tensor
 _LAYER_NORM = torch.ops.aten.layer_norm.default
+_VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 def analyze_sensitivity(
@@ -128,7 +129,7 @@ def activation_candidates(
         names = tuple(site.node for site in members)
         fold, _ = find_fold_target(graph_module, input_node, names)
         if fold is not None and config.activations.use_lae:
-            lae_scale = log_equalization_scale(channel_absmax)
+            lae_scale = lae_scale_for(channel_absmax, fold)
             scale = float(int8_scale_from_absmax(equalized_absmax(channel_absmax, lae_scale)))
             options[LAE_STATIC] = Candidate(scale, tuple(float(v) for v in lae_scale.tolist()))
         options[DYNAMIC] = Candidate()
@@ -191,7 +192,7 @@ class _Group:
         return self._group(ActivationSpec(ActivationClass.FLOAT), reason, None)
 
     def lae(self, fold: FoldTarget, reason: str) -> ActivationGroup:
-        lae_scale = log_equalization_scale(self.channel_absmax)
+        lae_scale = lae_scale_for(self.channel_absmax, fold)
         equalized = equalized_absmax(self.channel_absmax, lae_scale)
         spec = ActivationSpec(ActivationClass.LAE_STATIC, scale=float(int8_scale_from_absmax(equalized)))
         where = fold.module_path or fold.node
@@ -289,6 +290,19 @@ def _keep_static_share(groups: list[ActivationGroup], config: CompileConfig) -> 
     return result
 
 
+def lae_scale_for(channel_absmax: torch.Tensor, fold: FoldTarget) -> torch.Tensor:
+    """The LAE scale per input channel for a group folding into ``fold``.
+
+    An attention-value fold divides each value channel once for all the query heads that
+    read it, so those heads' channels share one scale: the LAE scale of their largest max|X|.
+    """
+    if fold.kind is not FoldKind.ATTENTION_VALUE:
+        return log_equalization_scale(channel_absmax)
+    kv_channel = fold.kv_channel_of(channel_absmax.numel())
+    pooled = torch.zeros(int(kv_channel.max()) + 1).scatter_reduce(0, kv_channel, channel_absmax.float(), "amax")
+    return log_equalization_scale(pooled)[kv_channel]
+
+
 def find_fold_target(
     graph_module: fx.GraphModule, input_node: str, linears: Sequence[str]
 ) -> tuple[FoldTarget | None, str]:
@@ -298,7 +312,9 @@ def find_fold_target(
     with a weight, whose output feeds exactly these linears, with a 1-D parameter weight;
     or a gated MLP's ``mul(act(gate(x)), up(x))`` feeding exactly these linears, where
     ``up`` is a linear with a parameter weight read by nothing but this mul (its rows take
-    the scale: ``act(gate) * up / s``).
+    the scale: ``act(gate) * up / s``); or an attention output (o_proj's input) whose values
+    come from a linear read by nothing else (its rows take the scale, see
+    :attr:`FoldKind.ATTENTION_VALUE`).
     """
     node = find_node(graph_module, input_node)
     if node is None:
@@ -314,6 +330,14 @@ def find_fold_target(
                 return None, f"the gated product {node.name} also feeds {', '.join(other_users)}"
             return FoldTarget(FoldKind.LINEAR_ROWS, up.name, module_path_of(up)), ""
         kind = FoldKind.RMS_NORM
+    elif node.op == "call_function" and node.target in _VIEWS:
+        found = _attention_value_source(node)
+        if isinstance(found, str):
+            return None, found
+        if other_users:
+            return None, f"the attention output {node.name} also feeds {', '.join(other_users)}"
+        value, head_dim, group = found
+        return FoldTarget(FoldKind.ATTENTION_VALUE, value.name, module_path_of(value), head_dim, group), ""
     elif node.op == "call_function" and node.target == _LAYER_NORM:
         weight_arg = node.args[2] if len(node.args) > 2 else None
         if not _is_channel_parameter(graph_module, weight_arg, node):
@@ -325,6 +349,59 @@ def find_fold_target(
     if other_users:
         return None, f"the norm output {node.name} also feeds {', '.join(other_users)}"
     return FoldTarget(kind, node.name, module_path_of(node)), ""
+
+
+def _attention_value_source(node: fx.Node) -> tuple[fx.Node, int, int] | str:
+    """For ``reshape(transpose(sdpa(q, k, v), 1, 2))``, with ``v`` built as
+    ``repeat_kv(cat(past, transpose(view(v_proj(x)), 1, 2)))``: the v_proj linear, the head
+    size and the query heads per key/value head; else why not."""
+    aten = torch.ops.aten
+    transpose = node.args[0]
+    if not (_is_call(transpose, aten.transpose.int) and set(transpose.args[1:3]) == {1, 2}):
+        return f"its input {node.name} is a reshape, but not of an attention output"
+    attention = transpose.args[0]
+    if not _is_call(attention, aten.scaled_dot_product_attention.default) or len(attention.users) != 1:
+        return f"its input {node.name} is a reshape, but not of an attention output"
+    heads, head_dim = _shape(attention)[1], _shape(attention)[3]
+    value = attention.args[2]
+    group: object = 1
+    if _is_call(value, *_VIEWS) and _is_call(value.args[0], aten.expand.default):  # repeat_kv
+        expand = value.args[0]
+        group = _shape(expand)[2]
+        value = expand.args[0]
+        while _is_call(value, aten.slice.Tensor, aten.unsqueeze.default):
+            value = value.args[0]
+    if not (_is_call(value, aten.cat.default) and len(value.args) > 1 and value.args[1] in (-2, 2)):
+        return "its attention's values are not a key/value cache concatenation"
+    parts = value.args[0]
+    new = parts[-1] if isinstance(parts, (list, tuple)) else None
+    if not (_is_call(new, aten.transpose.int) and set(new.args[1:3]) == {1, 2} and _is_call(new.args[0], *_VIEWS)):
+        return "its attention's values are not a projection split into heads"
+    split = new.args[0]
+    projection = split.args[0]
+    if not (isinstance(projection, fx.Node) and _is_private_linear(projection, split)):
+        return "its attention's values do not come from a linear read by nothing else"
+    kv_heads = _shape(split)[2]
+    if not (
+        isinstance(heads, int)
+        and isinstance(head_dim, int)
+        and isinstance(group, int)
+        and isinstance(kv_heads, int)
+        and heads == kv_heads * group
+    ):
+        return f"its attention has {heads} heads for {kv_heads} key/value heads repeated {group} times"
+    return projection, head_dim, group
+
+
+def _is_call(node: object, *targets: object) -> TypeGuard[fx.Node]:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _shape(node: fx.Node) -> tuple[object, ...]:
+    """The node's traced shape, padded with None (unknown) to at least 5 dimensions."""
+    value = node.meta.get("val")
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+    return (*shape, *([None] * (5 - len(shape))))
 
 
 def _is_private_linear(arg: fx.Node, consumer: fx.Node) -> bool:

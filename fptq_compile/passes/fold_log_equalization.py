@@ -8,8 +8,9 @@ After:  ``y' = mul(norm_w / s, x_hat)`` (= y / s); ``linear(y', W_q * s)``, ``li
 
 (for ``aten.layer_norm`` both weight and bias are divided by ``s``; for a gated MLP's
 ``mul(act(gate(x)), up(x))`` feeding down_proj, the rows of ``up``'s weight and bias are:
-``up'(x) = up(x) / s``). In float the
-result is unchanged, up to rounding; only quantization sees the flatter activations.
+``up'(x) = up(x) / s``; for an attention output feeding o_proj, the rows of the value
+projection ``v``, one scale per value channel shared by the query heads reading it). In
+float the result is unchanged, up to rounding; only quantization sees the flatter activations.
 New tensors are registered for every folded weight: parameters of the captured graph
 are shared with the user's model (and tied parameters with each other), so none is
 edited in place. Preconditions: the plan's fold nodes are in the graph, as analysis saw
@@ -59,7 +60,8 @@ class _Fold:
     """The node whose parameters are divided by the scale: a norm, or the ``up`` linear (rows)."""
     norm_positions: tuple[int, ...]
     linears: tuple[fx.Node, ...]
-    rows: bool = False
+    row_scale: torch.Tensor | None = None
+    """For folds into a linear's rows (``up``, ``v``): the scale per row (per value channel for ``v``)."""
 
 
 def _linear_node(graph_module: fx.GraphModule, name: str, group: ActivationGroup) -> fx.Node:
@@ -81,14 +83,17 @@ def _check_fold(graph_module: fx.GraphModule, group: ActivationGroup, linears: l
     norm = find_node(graph_module, fold.node)
     if norm is None:
         raise PreconditionError(f"{where}: fold node {fold.node} is not in the graph")
-    produced = norm if fold.kind is not FoldKind.LINEAR_ROWS else find_node(graph_module, group.input_node)
+    rows = fold.kind in (FoldKind.LINEAR_ROWS, FoldKind.ATTENTION_VALUE)
+    produced = find_node(graph_module, group.input_node) if rows else norm
     if produced is None or (fold.kind is FoldKind.LINEAR_ROWS and set(norm.users) != {produced}):
         raise PreconditionError(f"{where}: {fold.node} must feed only the gated product {group.input_node}")
+    if fold.kind is FoldKind.ATTENTION_VALUE and len(norm.users) != 1:
+        raise PreconditionError(f"{where}: the value projection {fold.node} must feed only its attention")
     if any(linear.args[0] is not produced for linear in linears) or set(produced.users) != set(linears):
         raise PreconditionError(f"{where}: {produced.name} must feed exactly {list(group.linears)}")
     if any(not _is_parameter(linear.args[1]) for linear in linears):
         raise PreconditionError(f"{where}: a weight of {list(group.linears)} is not a parameter")
-    if fold.kind is FoldKind.LINEAR_ROWS:
+    if rows:
         if norm.target != torch.ops.aten.linear.default:
             raise PreconditionError(f"{where}: {fold.node} is {norm.target}, not a linear")
         positions = tuple(i for i in (1, 2) if len(norm.args) > i and _is_parameter(norm.args[i]))
@@ -103,7 +108,14 @@ def _check_fold(graph_module: fx.GraphModule, group: ActivationGroup, linears: l
     if not positions:
         raise PreconditionError(f"{where}: {fold.node} has no parameter to fold into")
     scale = torch.tensor(lae_scale, dtype=torch.float32)
-    return _Fold(scale, norm, positions, tuple(linears), rows=fold.kind is FoldKind.LINEAR_ROWS)
+    row_scale = scale
+    if fold.kind is FoldKind.ATTENTION_VALUE:
+        # One scale per value channel; the query heads sharing it carry equal copies.
+        kv_channel = fold.kv_channel_of(scale.numel())
+        row_scale = torch.zeros(int(kv_channel.max()) + 1).scatter_(0, kv_channel, scale)
+        if not torch.equal(row_scale[kv_channel], scale):
+            raise PreconditionError(f"{where}: the scale differs between query heads that read one value head")
+    return _Fold(scale, norm, positions, tuple(linears), row_scale if rows else None)
 
 
 def _apply_fold(graph_module: fx.GraphModule, fold: _Fold) -> None:
@@ -112,8 +124,11 @@ def _apply_fold(graph_module: fx.GraphModule, fold: _Fold) -> None:
         assert isinstance(parameter, fx.Node)  # checked by _check_fold
         value = fetch_tensor(graph_module, str(parameter.target))
         # A weight's rows (dim 0) take the scale; 1-D norm weights and biases are per channel.
-        new_value = value / (fold.scale[:, None] if fold.rows and value.dim() == 2 else fold.scale)
-        name = f"fptq_lae{'_rows' if fold.rows else ''}_{fold.norm.name}_arg{position}"
+        if fold.row_scale is None:
+            new_value = value / fold.scale
+        else:
+            new_value = value / (fold.row_scale[:, None] if value.dim() == 2 else fold.row_scale)
+        name = f"fptq_lae{'_rows' if fold.row_scale is not None else ''}_{fold.norm.name}_arg{position}"
         _replace_arg(graph_module, fold.norm, position, new_value, name)
     for linear in fold.linears:
         weight = linear.args[1]
