@@ -121,12 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         default="onnx",
         help="for an output folder: its ONNX model in ONNX Runtime (default) or the saved compiled torch model",
     )
+    _add_accuracy_level(eval_)
 
     generate = command("generate", _generate, "generate text with an exported ONNX folder")
     generate.add_argument("folder", type=Path, help="output folder of `fptq compile`")
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     generate.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    _add_accuracy_level(generate)
 
     export = command("export", _export, "re-export a saved compiled model to ONNX in another layout")
     export.add_argument("folder", type=Path, help="output folder of `fptq compile`")
@@ -160,6 +162,17 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="PATTERN",
         help="module-path patterns given int8 weights and float activations, e.g. lm_head (faster decoding)",
+    )
+
+
+def _add_accuracy_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[1, 4],
+        default=1,
+        help="ONNX Runtime's int4/int8 MatMuls: 1 = float math, the torch reference's numbers (default); "
+        "4 = int8 activations inside the op (ORT's default; faster, and needed for fast 8-bit layers)",
     )
 
 
@@ -325,7 +338,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     if target is not None and target.is_dir() and (target / "model.onnx").is_file() and args.backend == "onnx":
         from fptq_compile.runtime import OrtCausalLM
 
-        forward, tokenizer, kind = OrtCausalLM.load(target), AutoTokenizer.from_pretrained(target), "onnx"
+        session = OrtCausalLM.load(target, exact=args.accuracy_level == 1)
+        forward, tokenizer, kind = session, AutoTokenizer.from_pretrained(target), "onnx"
     elif target is not None and is_saved_compiled(target):
         forward, tokenizer, kind = load_compiled(target), AutoTokenizer.from_pretrained(target), "compiled torch"
     else:
@@ -352,19 +366,23 @@ def _perplexity(forward: Any, tokenizer: Any, text_file: Path, windows: int | No
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
-    text = args.prompt + _generate_from_folder(args.folder, args.prompt, args.max_new_tokens, args.temperature)
+    text = args.prompt + _generate_from_folder(
+        args.folder, args.prompt, args.max_new_tokens, args.temperature, exact=args.accuracy_level == 1
+    )
     if not args.json:
         print(text)
     return {"folder": str(args.folder), "text": text}
 
 
-def _generate_from_folder(folder: Path, prompt: str, max_new_tokens: int, temperature: float) -> str:
+def _generate_from_folder(
+    folder: Path, prompt: str, max_new_tokens: int, temperature: float, exact: bool = True
+) -> str:
     from transformers import AutoTokenizer
 
     from fptq_compile.generation import generate_text
     from fptq_compile.runtime import OrtCausalLM
 
-    model = OrtCausalLM.load(folder)
+    model = OrtCausalLM.load(folder, exact=exact)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return generate_text(model, tokenizer, prompt, max_new_tokens, temperature)
 

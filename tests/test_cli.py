@@ -102,6 +102,9 @@ def test_eval_measures_onnx_compiled_torch_and_float(compiled_folder, workspace)
     )
     assert torch_model["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
     assert onnx["perplexity"] == pytest.approx(torch_model["perplexity"], rel=5e-3)
+    # ORT's default accuracy level quantizes activations inside its MatMuls: close, not equal.
+    _, level4 = _run_json("eval", str(out), "--accuracy-level", "4", *eval_args)
+    assert level4["perplexity"] == pytest.approx(torch_model["perplexity"], rel=5e-2)
     assert onnx["windows"] == 2
 
 
