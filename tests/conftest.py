@@ -68,12 +68,15 @@ def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None
 
 
 def lae_everywhere_config(stats, **weights):
-    """A config whose thresholds put every activation group in the LAE range."""
+    """A config whose thresholds put every activation group in the LAE range, every fold on."""
     from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
 
     absmax = [s.tensor_absmax for s in stats.per_linear.values()]
     activations = ActivationConfig(
-        policy=ActivationPolicy.FPTQ, static_threshold=min(absmax) / 2, dynamic_threshold=max(absmax) * 2
+        policy=ActivationPolicy.FPTQ,
+        static_threshold=min(absmax) / 2,
+        dynamic_threshold=max(absmax) * 2,
+        fold_attention_values=True,
     )
     return CompileConfig(weights=WeightConfig(**({"group_size": 32} | weights)), activations=activations)
 

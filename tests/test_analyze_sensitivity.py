@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import collect_stats, lae_everywhere_config
 
@@ -60,6 +62,15 @@ def test_lae_folds_everywhere_and_refuses_a_shared_attention_output(captured, to
     # An attention output read by anything besides the group's linears cannot take the scale.
     fold, reason = find_fold_target(captured.graph_module, o_proj.input_node, linears=())
     assert fold is None and f"also feeds {o_proj.node}" in reason
+    # The fold into v_proj is opt-in: without it o_proj's LAE candidates fall back to dynamic.
+    config = lae_everywhere_config(stats)
+    config = dataclasses.replace(
+        config, activations=dataclasses.replace(config.activations, fold_attention_values=False)
+    )
+    plan = _plan(captured, stats, config)
+    group = plan.group_of(plan.layer(o_proj.node))
+    assert group.activation.kind is ActivationClass.DYNAMIC
+    assert "fold_attention_values" in group.reason
 
 
 def test_a_norm_that_also_feeds_an_ignored_linear_is_not_folded(captured, token_ids):

@@ -53,7 +53,10 @@ def test_lae_folding_alone_keeps_the_logits(smollm2):
     # Thresholds that send every norm-fed group through LAE; no quantization pass.
     config = fptq.CompileConfig(
         activations=fptq.ActivationConfig(
-            policy=fptq.ActivationPolicy.FPTQ, static_threshold=1e-3, dynamic_threshold=1e6
+            policy=fptq.ActivationPolicy.FPTQ,
+            static_threshold=1e-3,
+            dynamic_threshold=1e6,
+            fold_attention_values=True,
         )
     )
     folded = fptq.compile(

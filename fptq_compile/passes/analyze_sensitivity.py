@@ -127,7 +127,7 @@ def activation_candidates(
         static_scale = float(int8_scale_from_absmax(float(channel_absmax.max())))
         options = {name: Candidate(static_scale * ratio) for name, ratio in _static_ratios(config).items()}
         names = tuple(site.node for site in members)
-        fold, _ = find_fold_target(graph_module, input_node, names)
+        fold, _ = _fold_target(graph_module, input_node, names, config)
         if fold is not None and config.activations.use_lae:
             lae_scale = lae_scale_for(channel_absmax, fold)
             scale = float(int8_scale_from_absmax(equalized_absmax(channel_absmax, lae_scale)))
@@ -228,7 +228,7 @@ def _decide(
         return group.dynamic(
             f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE disabled by config: per-token dynamic"
         )
-    fold, refusal = find_fold_target(graph_module, input_node, group.linears)
+    fold, refusal = _fold_target(graph_module, input_node, group.linears, config)
     if fold is None:
         reason = f"{v0:g} < max|X| = {absmax:.3g} <= v1 = {v1:g}, LAE candidate but {refusal}: per-token dynamic"
         return group.dynamic(reason)
@@ -249,7 +249,7 @@ def _decide_by_error(graph_module: fx.GraphModule, group: _Group, config: Compil
         return group.static(reason, ratios[best_static])
     lae_sqnr = measured.get(LAE_STATIC)
     if lae_sqnr is not None and lae_sqnr >= target:
-        fold, _ = find_fold_target(graph_module, group.input_node, group.linears)
+        fold, _ = _fold_target(graph_module, group.input_node, group.linears, config)
         if fold is not None:
             reason = (
                 f"LAE + static SQNR {lae_sqnr:.1f} dB >= {target:g} dB (best static {measured[best_static]:.1f} dB)"
@@ -301,6 +301,16 @@ def lae_scale_for(channel_absmax: torch.Tensor, fold: FoldTarget) -> torch.Tenso
     kv_channel = fold.kv_channel_of(channel_absmax.numel())
     pooled = torch.zeros(int(kv_channel.max()) + 1).scatter_reduce(0, kv_channel, channel_absmax.float(), "amax")
     return log_equalization_scale(pooled)[kv_channel]
+
+
+def _fold_target(
+    graph_module: fx.GraphModule, input_node: str, linears: Sequence[str], config: CompileConfig
+) -> tuple[FoldTarget | None, str]:
+    """:func:`find_fold_target`, less the folds into v_proj unless the config turns them on."""
+    fold, refusal = find_fold_target(graph_module, input_node, linears)
+    if fold is not None and fold.kind is FoldKind.ATTENTION_VALUE and not config.activations.fold_attention_values:
+        return None, "folding into the value projection's rows is off (activations.fold_attention_values)"
+    return fold, refusal
 
 
 def find_fold_target(
