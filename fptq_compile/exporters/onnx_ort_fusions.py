@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-from fptq_compile.exporters.onnx_rewrites import typed_like
+from fptq_compile.exporters.onnx_rewrites import constant_initializer, typed_like
 
 GQA = ("com.microsoft", "GroupQueryAttention")
 SKIP_RMS_NORM = ("com.microsoft", "SkipSimplifiedLayerNormalization")
@@ -76,12 +76,6 @@ def _seqlens_k_per_batch_row(model: ir.Model, attention: list[ir.Node]) -> None:
         node.replace_input_with(5, expanded[seqlens_k])
 
 
-def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    if name not in model.graph.initializers:
-        model.graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(array, name=name)))
-    return model.graph.initializers[name]
-
-
 def _standard_rms_norms(model: ir.Model) -> int:
     """Write ONNX-domain ``SimplifiedLayerNormalization`` as ``x * rsqrt(mean(x^2) + eps) * w``."""
     restored = 0
@@ -89,10 +83,10 @@ def _standard_rms_norms(model: ir.Model) -> int:
         x, weight = node.inputs[0], node.inputs[1]
         if x is None or weight is None or node.attributes.get_int("axis", -1) != -1:
             continue
-        epsilon = _constant(
+        epsilon = constant_initializer(
             model, f"fptq_rms_epsilon_{restored}", np.array(node.attributes.get_float("epsilon", 1e-5), np.float32)
         )
-        axes = _constant(model, "fptq_last_axis", np.array([-1], np.int64))
+        axes = constant_initializer(model, "fptq_last_axis", np.array([-1], np.int64))
         square = ir.node("Mul", inputs=[x, x])
         mean = ir.node("ReduceMean", inputs=[square.outputs[0], axes], attributes={"keepdims": 1})
         shifted = ir.node("Add", inputs=[mean.outputs[0], epsilon])

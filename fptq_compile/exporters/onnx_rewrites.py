@@ -220,7 +220,10 @@ def merge_parallel_matmuls(model: ir.Model) -> int:
     return merged
 
 
-def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+def constant_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer ``name`` holding ``array``, registered on first use (later calls reuse it)."""
+    if name in model.graph.initializers:
+        return model.graph.initializers[name]
     tensor = ir.tensor(array, name=name)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     model.graph.register_initializer(value)
@@ -230,7 +233,9 @@ def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
 def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMatMul], prefix: str) -> None:
     first = group[0]
     concatenated = [np.concatenate(arrays, axis=1) for arrays in zip(*(member.arrays for member in group), strict=True)]
-    weights = [_initializer(model, f"{prefix}_{role}", array) for role, array in zip("wsz", concatenated, strict=False)]
+    weights = [
+        constant_initializer(model, f"{prefix}_{role}", array) for role, array in zip("wsz", concatenated, strict=False)
+    ]
     if first.dequantize is None:
         weight = weights[0]
     else:
@@ -243,13 +248,13 @@ def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMat
     output = first.matmul.outputs[0]
     assert output.shape is not None  # merge_parallel_matmuls checked it
     typed_like(matmul.outputs[0], output, ir.Shape([*list(output.shape)[:-1], concatenated[0].shape[1]]))
-    axes = _initializer(model, f"{prefix}_axes", np.array([2], dtype=np.int64))
-    steps = _initializer(model, f"{prefix}_steps", np.array([1], dtype=np.int64))
+    axes = constant_initializer(model, f"{prefix}_axes", np.array([2], dtype=np.int64))
+    steps = constant_initializer(model, f"{prefix}_steps", np.array([1], dtype=np.int64))
     start = 0
     for position, member in enumerate(group):
         end = start + member.out_features
-        starts = _initializer(model, f"{prefix}_{position}_start", np.array([start], dtype=np.int64))
-        ends = _initializer(model, f"{prefix}_{position}_end", np.array([end], dtype=np.int64))
+        starts = constant_initializer(model, f"{prefix}_{position}_start", np.array([start], dtype=np.int64))
+        ends = constant_initializer(model, f"{prefix}_{position}_end", np.array([end], dtype=np.int64))
         piece = ir.node("Slice", inputs=[matmul.outputs[0], starts, ends, axes, steps])
         model.graph.insert_before(first.matmul, piece)
         typed_like(piece.outputs[0], member.matmul.outputs[0])
