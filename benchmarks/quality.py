@@ -13,7 +13,8 @@ Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512
 calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
-    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--tasks] [--rows ...] [--json PATH]
+    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--clip] [--rounding gptq|nearest]
+                                 [--rows ...] [--json PATH]
 
 ``--tasks`` adds LAMBADA (OpenAI, first 1000 texts, last-word greedy accuracy) and PIQA
 (validation, zero-shot, per-byte log-likelihood) for every row.
@@ -41,7 +42,14 @@ ROWS = {
 
 
 def run_row(
-    name: str, windows: int, group_size: int, symmetric: bool, clip: bool, tasks: bool, lambada_limit: int
+    name: str,
+    windows: int,
+    group_size: int,
+    symmetric: bool,
+    clip: bool,
+    rounding: str,
+    tasks: bool,
+    lambada_limit: int,
 ) -> dict:
     import torch
 
@@ -62,7 +70,12 @@ def run_row(
         forward = lambda ids: loaded.model(input_ids=ids, use_cache=False).logits  # noqa: E731
     else:
         config = fptq.CompileConfig(
-            weights=fptq.WeightConfig(group_size=group_size, symmetric=symmetric, clip_ratios=CLIP_RATIOS * clip),
+            weights=fptq.WeightConfig(
+                group_size=group_size,
+                symmetric=symmetric,
+                clip_ratios=CLIP_RATIOS * clip,
+                rounding=fptq.WeightRounding(rounding),
+            ),
             activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
         )
         if name == "w4a8_fptq":
@@ -120,6 +133,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
     parser.add_argument("--clip", action="store_true", help=f"MSE-searched weight clipping over {CLIP_RATIOS}")
+    parser.add_argument(
+        "--rounding", choices=["gptq", "nearest"], default="gptq", help="int4 rounding of every row (default gptq)"
+    )
     parser.add_argument("--tasks", action="store_true", help="also LAMBADA and PIQA accuracy (slow)")
     parser.add_argument("--lambada-limit", type=int, default=1000, help="first N LAMBADA texts (default 1000)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
@@ -127,7 +143,7 @@ def main() -> None:
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     args = parser.parse_args()
     if args.row:
-        settings = (args.symmetric, args.clip, args.tasks, args.lambada_limit)
+        settings = (args.symmetric, args.clip, args.rounding, args.tasks, args.lambada_limit)
         row = run_row(args.row, args.windows, args.group_size, *settings)
         print(json.dumps(row))
         return
@@ -135,12 +151,18 @@ def main() -> None:
     for name in args.rows:
         command = [sys.executable, __file__, "--row", name, "--windows", str(args.windows)]
         command += ["--group-size", str(args.group_size), "--lambada-limit", str(args.lambada_limit)]
-        command += ["--symmetric"] * args.symmetric + ["--clip"] * args.clip + ["--tasks"] * args.tasks
+        command += (
+            ["--symmetric"] * args.symmetric
+            + ["--clip"] * args.clip
+            + ["--rounding", args.rounding]
+            + ["--tasks"] * args.tasks
+        )
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
         print(_line(row), flush=True)
     summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": args.clip}
+    summary["rounding"] = args.rounding
     summary["windows"] = args.windows
     summary["rows"] = rows
     fptq_row = next((r for r in rows if r["row"] == "w4a8_fptq"), None)

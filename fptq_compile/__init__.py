@@ -14,7 +14,14 @@ from __future__ import annotations
 from fptq_compile import ops as ops  # registers torch.ops.fptq.*
 from fptq_compile import passes as passes
 from fptq_compile.calibration import HFDataset, RandomTokens, TextFile, Texts
-from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
+from fptq_compile.config import (
+    ActivationConfig,
+    ActivationPolicy,
+    CompileConfig,
+    GPTQConfig,
+    WeightConfig,
+    WeightRounding,
+)
 from fptq_compile.errors import (
     CalibrationError,
     ConfigError,
@@ -47,6 +54,7 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "FptqError",
+    "GPTQConfig",
     "HFDataset",
     "LoadedModel",
     "ModelLoadError",
@@ -60,6 +68,7 @@ __all__ = [
     "Texts",
     "UnsupportedGraphError",
     "WeightConfig",
+    "WeightRounding",
     "analyze",
     "compile",
     "generate_ids",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fptq_compile.config import ActivationPolicy
+from fptq_compile.config import ActivationPolicy, WeightRounding
 from fptq_compile.errors import ConfigError, FptqError
 from fptq_compile.exporters.onnx_qdq import OnnxLayout
 
@@ -152,6 +152,11 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
     parser.add_argument(
+        "--rounding",
+        choices=[r.value for r in WeightRounding],
+        help="int4 codes by GPTQ (default; needs Hessians, slower) or round to nearest",
+    )
+    parser.add_argument(
         "--policy", choices=[p.value for p in ActivationPolicy], help="activation policy (error_driven)"
     )
     parser.add_argument("--thresholds", type=float, nargs=2, metavar=("V0", "V1"), help="FPTQ v0 < v1 (15 150)")
@@ -195,6 +200,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
     put("calibration", "seq_len", args.seq_len)
     put("weights", "group_size", args.group_size)
     put("weights", "symmetric", True if args.symmetric else None)
+    put("weights", "rounding", args.rounding)
     put("activations", "policy", args.policy)
     if args.thresholds:
         put("activations", "static_threshold", args.thresholds[0])

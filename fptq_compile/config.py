@@ -36,6 +36,34 @@ class ActivationPolicy(enum.Enum):
     least ``min_static_fraction`` of the linears static."""
 
 
+class WeightRounding(enum.Enum):
+    """How int4 codes are chosen on the group grid (the scales are the same either way)."""
+
+    GPTQ = "gptq"
+    """GPTQ: column by column, the rounding error spread over the columns not yet quantized,
+    weighted by the calibration inputs' Hessian (minimizes the layer's output error)."""
+    NEAREST = "nearest"
+    """Round to nearest (RTN): no Hessians, faster compile."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ rounding of the int4 weights (see :mod:`fptq_compile.gptq`)."""
+
+    damp: float = 0.01
+    """Added to each Hessian's diagonal, as a fraction of its mean diagonal."""
+    act_order: bool = True
+    """Quantize input columns by decreasing Hessian diagonal (groups stay contiguous)."""
+    block_size: int = 128
+    """Columns between GPTQ's lazy batch updates (speed only)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damp, float) and 0 < self.damp < 1):
+            raise ConfigError(f"weights.gptq.damp must be a number in (0, 1), got {self.damp!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
+            raise ConfigError(f"weights.gptq.block_size must be a positive integer, got {self.block_size!r}")
+
+
 @dataclass(frozen=True)
 class WeightConfig:
     """int4 group-wise weight quantization along the input dimension."""
@@ -45,8 +73,14 @@ class WeightConfig:
     """False (default): asymmetric groups with an int4 zero point; True: ``absmax / 7.5``."""
     clip_ratios: tuple[float, ...] = ()
     """Also try each group's range shrunk to these fractions; keep the smallest-error one."""
+    rounding: WeightRounding = WeightRounding.GPTQ
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    """GPTQ's settings (used with ``rounding = gptq``)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rounding, WeightRounding):
+            allowed = ", ".join(r.value for r in WeightRounding)
+            raise ConfigError(f"weights.rounding must be one of {allowed}, got {self.rounding!r}")
         if not all(isinstance(r, float) and 0 < r < 1 for r in self.clip_ratios):
             raise ConfigError(f"weights.clip_ratios must be numbers in (0, 1), got {self.clip_ratios!r}")
         size = self.group_size
@@ -139,6 +173,7 @@ def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     data["activations"]["policy"] = config.activations.policy.value
     data["activations"]["clip_ratios"] = list(config.activations.clip_ratios)
     data["weights"]["clip_ratios"] = list(config.weights.clip_ratios)
+    data["weights"]["rounding"] = config.weights.rounding.value
     data["include"], data["ignore"] = list(config.include), list(config.ignore)
     data["int8_weight_only"] = list(config.int8_weight_only)
     return data

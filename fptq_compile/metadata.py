@@ -19,6 +19,8 @@ class LinearState:
     """What the passes have done to one linear node."""
 
     lae_folded: bool = False
+    weight_quantized: bool = False
+    """The weight already reads int4 groups (GPTQ ran); the activation may still be float."""
     quantized: bool = False
 
 

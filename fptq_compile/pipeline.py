@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import sys
 from collections.abc import Sequence
@@ -22,13 +23,14 @@ from fptq_compile.capture import (
     model_limits,
     select_linears,
 )
-from fptq_compile.config import CompileConfig
+from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError
 from fptq_compile.graph_utils import drop_unused_attributes
 from fptq_compile.models import LoadedModel
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
+from fptq_compile.passes.gptq_weights import gptq_weights
 from fptq_compile.passes.insert_observers import (
     ActivationStats,
     insert_observers,
@@ -127,7 +129,7 @@ def analyze(
     Arguments as for :func:`compile`.
     """
     steps = StepProgress("analyze", _ANALYSIS_STEPS, progress)
-    analysis = _analyze(model, calibration, config or CompileConfig(), tokenizer, num_samples, seq_len, steps)
+    analysis = _analyze(model, calibration, config or CompileConfig(), tokenizer, num_samples, seq_len, steps, False)
     steps.close()
     return analysis
 
@@ -140,6 +142,7 @@ def _analyze(
     num_samples: int,
     seq_len: int,
     steps: StepProgress,
+    collect_hessians: bool,
 ) -> Analysis:
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer or model.tokenizer
@@ -156,8 +159,9 @@ def _analyze(
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
     linears, skipped = select_linears(captured.linears, config)
     with steps.step("calibration"):
-        # Temporary observers measure per-channel max|X| of each linear input, then leave.
-        insert_observers(graph_module, linears)
+        # Temporary observers measure per-channel max|X| of each linear input (and its
+        # Hessian for GPTQ), then leave.
+        insert_observers(graph_module, linears, collect_hessians)
         run_calibration(captured.logits, token_ids, config.calibration_batch_size, steps.enabled)
         stats = read_activation_stats(graph_module)
         remove_observers(graph_module)
@@ -192,16 +196,21 @@ def compile(
     :mod:`fptq_compile.calibration` (text needs ``tokenizer``, or a :class:`LoadedModel`);
     ``num_samples`` windows of ``seq_len`` tokens are drawn from text. ``passes`` are the
     transforms run on the graph after planning; pass your own list to add or drop one.
-    The user's model is left unchanged.
+    With ``weights.rounding = gptq`` (the default), :func:`gptq_weights` runs right before
+    :func:`insert_w4a8_qdq` on the Hessians calibration collected (a list without
+    ``insert_w4a8_qdq`` quantizes no weights, so it gets no GPTQ). The user's model is
+    left unchanged.
     """
     config = config or CompileConfig()
-    steps = StepProgress("compile", (*_ANALYSIS_STEPS, *map(pass_name, passes)), progress)
+    uses_gptq = config.weights.rounding is WeightRounding.GPTQ and insert_w4a8_qdq in passes
+    step_names = (*_ANALYSIS_STEPS, *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
+    steps = StepProgress("compile", step_names, progress)
     # Capture, calibrate, plan: what happens to every linear, decided before any edit.
-    analysis = _analyze(model, calibration, config, tokenizer, num_samples, seq_len, steps)
+    analysis = _analyze(model, calibration, config, tokenizer, num_samples, seq_len, steps, uses_gptq)
     graph_module, plan = analysis.captured.graph_module, analysis.plan
     bytes_before = _linear_weight_bytes(graph_module, plan)
     pass_reports: dict[str, dict[str, Any]] = {}
-    for transform in passes:
+    for transform in _with_gptq(passes, analysis.stats, config) if uses_gptq else passes:
         name = pass_name(transform)
         with steps.step(name):
             # Each transform reads the plan; the runner lints and recompiles after it.
@@ -219,6 +228,13 @@ def compile(
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
     )
     return CompiledModel(graph_module, plan, report, analysis.captured.kv_layout, config)
+
+
+def _with_gptq(passes: Sequence[Pass], stats: ActivationStats, config: CompileConfig) -> tuple[Pass, ...]:
+    """``passes`` with GPTQ bound to the calibration Hessians right before ``insert_w4a8_qdq``."""
+    gptq: Pass = functools.partial(gptq_weights, stats=stats, settings=config.weights.gptq)
+    position = list(passes).index(insert_w4a8_qdq)
+    return (*passes[:position], gptq, *passes[position:])
 
 
 def peak_rss_bytes() -> int:

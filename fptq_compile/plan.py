@@ -57,6 +57,8 @@ class WeightSpec:
     group_size: int
     symmetric: bool
     clip_ratios: tuple[float, ...] = ()
+    gptq: bool = False
+    """The codes are chosen by GPTQ (the ``gptq_weights`` pass), not rounded to nearest."""
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class WeightGroups:
         return int(self.codes.shape[1])
 
 
-def _expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+def expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
     """Repeat ``[N, n_groups]`` values over their groups to ``[N, in_features]``."""
     return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
 
@@ -116,7 +116,7 @@ def quantize_int4_groups(
         error = _group_squared_error(weight, candidate)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
-        codes = torch.where(_expand_groups(better, group_size, weight.shape[1]), candidate.codes, best.codes)
+        codes = torch.where(expand_groups(better, group_size, weight.shape[1]), candidate.codes, best.codes)
         zero_point = None
         if best.zero_point is not None and candidate.zero_point is not None:
             zero_point = torch.where(better, candidate.zero_point, best.zero_point)
@@ -130,14 +130,14 @@ def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: boo
     if symmetric:
         absmax = grouped.abs().amax(dim=-1) * ratio
         scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR
-        codes = quantize_symmetric(weight, _expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
+        codes = quantize_symmetric(weight, expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
         return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
     group_min = torch.clamp(grouped.amin(dim=-1), max=0.0) * ratio
     group_max = torch.clamp(grouped.amax(dim=-1), min=0.0) * ratio
     scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
     zero_point = torch.clamp(torch.round(INT4_MIN - group_min / scale), INT4_MIN, INT4_MAX).to(torch.int8)
-    full_scale = _expand_groups(scale, group_size, in_features)
-    full_zero_point = _expand_groups(zero_point, group_size, in_features).to(torch.float32)
+    full_scale = expand_groups(scale, group_size, in_features)
+    full_zero_point = expand_groups(zero_point, group_size, in_features).to(torch.float32)
     codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
     return WeightGroups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
 
@@ -148,7 +148,7 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     weight = weight.detach().to(torch.float32)
     scale = int8_scale_from_absmax(_group_view(weight, group_size).abs().amax(dim=-1))
-    codes = quantize_symmetric(weight, _expand_groups(scale, group_size, weight.shape[1]), INT8_MIN, INT8_MAX)
+    codes = quantize_symmetric(weight, expand_groups(scale, group_size, weight.shape[1]), INT8_MIN, INT8_MAX)
     return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
 
 
@@ -163,8 +163,8 @@ def dequantize_groups(
 ) -> torch.Tensor:
     """The float weight ``[N, K]`` that int4 or int8 ``codes`` and per-group ``scale`` stand for."""
     in_features = codes.shape[1]
-    full_zero_point = None if zero_point is None else _expand_groups(zero_point, group_size, in_features)
-    return dequantize(codes, _expand_groups(scale, group_size, in_features), full_zero_point)
+    full_zero_point = None if zero_point is None else expand_groups(zero_point, group_size, in_features)
+    return dequantize(codes, expand_groups(scale, group_size, in_features), full_zero_point)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

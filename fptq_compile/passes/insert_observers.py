@@ -5,7 +5,8 @@ After:  ``x_seen = observer(x)``; ``linear(x_seen, w)``, ``linear(x_seen, w2)``
 
 One observer per distinct input tensor: q/k/v (and gate/up) read the same activation,
 so it is measured once. Each observer keeps a streaming per-channel ``max|x|`` (one
-vectorized reduction per batch, no Python loop over channels or tokens). After the
+vectorized reduction per batch, no Python loop over channels or tokens) and, when GPTQ
+needs it, the input's Hessian ``X^T X / n`` (one matmul per batch). After the
 calibration batches, :func:`read_activation_stats` reads the observers out into
 :class:`ActivationStats` keyed by linear node name, and :func:`remove_observers` restores
 the graph. Preconditions: the linears come from :func:`fptq_compile.capture.find_linear_sites`
@@ -31,11 +32,14 @@ _OBSERVER_PREFIX = "fptq_observer_"
 class ActivationObserver(nn.Module):
     """Passes its input through and records the running per-channel ``max|x|``."""
 
-    def __init__(self, input_node: str, linears: Sequence[str]) -> None:
+    def __init__(self, input_node: str, linears: Sequence[str], collect_hessian: bool = False) -> None:
         super().__init__()
         self.input_node = input_node
         self.linears = tuple(linears)
+        self.collect_hessian = collect_hessian
         self.channel_absmax: torch.Tensor | None = None
+        self.input_gram: torch.Tensor | None = None
+        """``X^T X`` summed over the tokens seen (with ``collect_hessian``)."""
         self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,12 @@ class ActivationObserver(nn.Module):
             self.channel_absmax = batch_absmax
         else:
             torch.maximum(self.channel_absmax, batch_absmax, out=self.channel_absmax)
+        if self.collect_hessian:
+            tokens = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if self.input_gram is None:
+                self.input_gram = tokens.t() @ tokens
+            else:
+                self.input_gram.addmm_(tokens.t(), tokens)
         self.num_tokens += x.numel() // x.shape[-1]
         return x
 
@@ -55,6 +65,8 @@ class ChannelStats:
     input_node: str
     channel_absmax: torch.Tensor
     num_tokens: int
+    hessian: torch.Tensor | None = None
+    """``X^T X / n`` over the calibration tokens ``[in, in]``, when collected (for GPTQ)."""
 
     @property
     def tensor_absmax(self) -> float:
@@ -71,8 +83,11 @@ class ActivationStats:
         return self.per_linear[linear_node]
 
 
-def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]) -> PassResult:
-    """Put one :class:`ActivationObserver` on each distinct input of ``linears``."""
+def insert_observers(
+    graph_module: fx.GraphModule, linears: Sequence[LinearSite], collect_hessians: bool = False
+) -> PassResult:
+    """Put one :class:`ActivationObserver` on each distinct input of ``linears``
+    (collecting each input's Hessian too with ``collect_hessians``)."""
     if find_probes(graph_module, ActivationObserver):
         return PassResult(graph_module, modified=False, report={"observers": 0, "note": "observers already present"})
     by_input: dict[str, list[fx.Node]] = {}
@@ -85,7 +100,7 @@ def insert_observers(graph_module: fx.GraphModule, linears: Sequence[LinearSite]
         input_node = linear_nodes[0].args[0]
         if not isinstance(input_node, fx.Node) or input_node.name != input_name:
             raise PreconditionError(f"linear {linear_nodes[0].name} no longer reads {input_name}: stale linear sites")
-        observer = ActivationObserver(input_name, [n.name for n in linear_nodes])
+        observer = ActivationObserver(input_name, [n.name for n in linear_nodes], collect_hessians)
         insert_probe(graph_module, input_node, linear_nodes, observer, f"{_OBSERVER_PREFIX}{index}")
     graph_module.recompile()
     return PassResult(graph_module, modified=bool(by_input), report={"observers": len(by_input)})
@@ -100,7 +115,8 @@ def read_activation_stats(graph_module: fx.GraphModule) -> ActivationStats:
                 f"observer of {observer.input_node} (feeding {', '.join(observer.linears)}) saw no data: "
                 "run calibration batches through the graph first"
             )
-        stats = ChannelStats(observer.input_node, observer.channel_absmax.clone(), observer.num_tokens)
+        hessian = None if observer.input_gram is None else observer.input_gram / observer.num_tokens
+        stats = ChannelStats(observer.input_node, observer.channel_absmax.clone(), observer.num_tokens, hessian)
         for linear in observer.linears:
             per_linear[linear] = stats
     return ActivationStats(per_linear)

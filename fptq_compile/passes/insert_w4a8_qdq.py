@@ -17,7 +17,10 @@ Linears of one activation group share one activation Q/DQ chain. Bias stays floa
 Preconditions: groups the plan puts on ``lae_static`` were folded by
 ``fold_log_equalization`` (their static scale assumes it). Postcondition: every planned
 linear is tagged ``quantized``; running the pass again changes nothing. The report gives
-each weight's SQNR against its float values (``weight_sqnr_db``, by node).
+each weight's SQNR against its float values (``weight_sqnr_db``, by node). Weights an
+earlier pass already quantized (``gptq_weights``, tagged ``weight_quantized``) are kept:
+only their activation is quantized here; a weight planned for GPTQ but not yet
+quantized is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from fptq_compile.graph_utils import add_constant, fetch_tensor, find_node
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
-from fptq_compile.primitives import dequantize_groups, quantize_int4_groups, quantize_int8_groups, sqnr_db
+from fptq_compile.primitives import (
+    WeightGroups,
+    dequantize_groups,
+    quantize_int4_groups,
+    quantize_int8_groups,
+    sqnr_db,
+)
 
 fptq_ops = torch.ops.fptq
 
@@ -50,6 +59,11 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
         if state.quantized:
             continue
         group = plan.group_of(layer)
+        if layer.weight.gptq and not state.weight_quantized:
+            raise PreconditionError(
+                f"{layer.node} ({layer.module_path}) is planned for GPTQ weights but they were not quantized: "
+                "run gptq_weights first (compile adds it when weights.gptq is set)"
+            )
         if group.activation.kind is ActivationClass.LAE_STATIC and not state.lae_folded:
             raise PreconditionError(
                 f"{layer.node} ({layer.module_path}) is planned lae_static but its LAE scale was not folded: "
@@ -62,14 +76,15 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
     quantized_inputs: dict[str, fx.Node] = {}
     weight_sqnr_db: dict[str, float] = {}
     for linear, layer, group in pending:
-        weight_sqnr_db[layer.node] = _quantize_weight(graph_module, linear, layer)
+        if not get_linear_state(linear).weight_quantized:
+            weight_sqnr_db[layer.node] = _quantize_weight(graph_module, linear, layer)
         activation = linear.args[0]
         assert isinstance(activation, fx.Node)  # checked above
         if group.activation.kind is not ActivationClass.FLOAT:
             if group.input_node not in quantized_inputs:
                 quantized_inputs[group.input_node] = _quantize_activation(graph_module, activation, group)
             linear.replace_input_with(activation, quantized_inputs[group.input_node])
-        update_linear_state(linear, quantized=True)
+        update_linear_state(linear, quantized=True, weight_quantized=True)
     return PassResult(
         graph_module,
         modified=bool(pending),
@@ -79,10 +94,7 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
 
 def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> float:
     """Swap the weight for its int4 (or int8) groups; return their SQNR in dB against the float weight."""
-    weight_node = linear.args[1]
-    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
-        raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
-    weight = fetch_tensor(graph_module, str(weight_node.target))
+    weight = _float_weight(graph_module, linear, layer)
     spec = layer.weight
     if spec.bits == 8:
         groups = quantize_int8_groups(weight, spec.group_size)
@@ -90,11 +102,25 @@ def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: Layer
         groups = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
     else:
         raise PreconditionError(f"{layer.node} ({layer.module_path}): {spec.bits}-bit weights are not supported")
+    swap_in_weight_groups(graph_module, linear, groups, spec.bits)
+    return sqnr_db(weight, dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size))
+
+
+def _float_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> torch.Tensor:
+    weight_node = linear.args[1]
+    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
+    return fetch_tensor(graph_module, str(weight_node.target))
+
+
+def swap_in_weight_groups(graph_module: fx.GraphModule, linear: fx.Node, groups: WeightGroups, bits: int) -> None:
+    """Make ``linear`` read its weight from ``groups`` (codes, scales, zero points as buffers)
+    through ``dequantize_int4_groups`` (or ``dequantize_int8_groups``), the form exporters lower."""
     prefix = f"fptq_{linear.name}_weight"
-    codes = add_constant(graph_module, f"{prefix}_int{spec.bits}", groups.codes, before=linear)
+    codes = add_constant(graph_module, f"{prefix}_int{bits}", groups.codes, before=linear)
     scale = add_constant(graph_module, f"{prefix}_scale", groups.scale, before=linear)
     with graph_module.graph.inserting_before(linear):
-        if spec.bits == 8:
+        if bits == 8:
             dequantized = graph_module.graph.call_function(
                 fptq_ops.dequantize_int8_groups.default, (codes, scale, groups.group_size)
             )
@@ -106,7 +132,6 @@ def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: Layer
                 fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)
             )
     linear.update_arg(1, dequantized)
-    return sqnr_db(weight, dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size))
 
 
 def _quantize_activation(graph_module: fx.GraphModule, activation: fx.Node, group: ActivationGroup) -> fx.Node:

@@ -1,0 +1,103 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) for int4 groups: pure math, no graphs.
+
+GPTQ quantizes a weight ``[N, K]`` one input column at a time and spreads each column's
+rounding error over the columns not yet quantized, weighted by the inverse Hessian
+``H = X^T X / n`` of the linear's calibration inputs, so the layer's *output* error is
+what is minimized rather than the weight error. Here the per-group scales and zero
+points are fixed first, by round-to-nearest on the original weight (the "static groups"
+variant): groups stay contiguous along K, as ONNX block-wise quantization and ORT's
+``MatMulNBits`` require, so act-order (columns visited by decreasing ``H_jj``) needs no
+column permutation at run time. GPTQ then only re-chooses the codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fptq_compile.primitives import INT4_MAX, INT4_MIN, WeightGroups, expand_groups, quantize_int4_groups
+
+
+class HessianNotPositiveDefinite(ValueError):
+    """The damped Hessian has no Cholesky factor (too few or degenerate calibration inputs)."""
+
+
+def gptq_int4_groups(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+    clip_ratios: Sequence[float] = (),
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+) -> WeightGroups:
+    """int4 codes for ``weight [N, K]`` chosen by GPTQ against ``hessian [K, K]``.
+
+    Scales and zero points are those :func:`quantize_int4_groups` picks for ``weight``
+    (with the same ``clip_ratios``), so only the rounding differs from RTN. ``damp`` is
+    added to the Hessian's diagonal as a fraction of its mean; ``act_order`` visits the
+    columns by decreasing Hessian diagonal; ``block_size`` columns are updated together
+    between lazy batch updates (speed only).
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
+    grid = quantize_int4_groups(weight, group_size, symmetric, clip_ratios)
+    in_features = weight.shape[1]
+    scale = expand_groups(grid.scale, group_size, in_features)
+    zero_point = torch.zeros_like(scale)
+    if grid.zero_point is not None:
+        zero_point = expand_groups(grid.zero_point, group_size, in_features).to(torch.float32)
+
+    # Work on W^T: one input column is one contiguous row.
+    remaining = weight.detach().to(torch.float32).t().clone()
+    hessian = hessian.detach().to(torch.float64).clone()
+    # An input that was always zero carries no information: its weights cannot matter.
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    remaining[dead] = 0.0
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(in_features)
+    remaining = remaining[order]
+    scale, zero_point = scale.t()[order].contiguous(), zero_point.t()[order].contiguous()
+    hessian = hessian[order][:, order]
+    upper = _inverse_hessian_factor(hessian, damp).to(torch.float32)
+
+    codes = torch.empty_like(remaining)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = remaining[start:stop].clone()
+        errors = torch.empty_like(block)
+        for row in range(stop - start):
+            index = start + row
+            values = block[row]
+            code = torch.round(values / scale[index]).add_(zero_point[index]).clamp_(INT4_MIN, INT4_MAX)
+            codes[index] = code
+            error = errors[row]
+            torch.sub(values, (code - zero_point[index]).mul_(scale[index]), out=error)
+            error /= upper[index, index]
+            # Compensate the columns of this block not yet quantized.
+            block[row:].addr_(upper[index, index:stop], error, alpha=-1.0)
+        # Lazy batch update: the rest of the matrix absorbs the whole block's error at once.
+        remaining[stop:].addmm_(upper[start:stop, stop:].t(), errors, alpha=-1.0)
+
+    inverse_order = torch.argsort(order)
+    return WeightGroups(codes[inverse_order].t().to(torch.int8).contiguous(), grid.scale, grid.zero_point, group_size)
+
+
+def output_error(weight: torch.Tensor, restored: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per output row, ``(w - w_q) H (w - w_q)^T``: the mean squared error the rounding adds
+    to that output over the inputs ``H`` was measured on."""
+    difference = weight.to(torch.float32) - restored.to(torch.float32)
+    return ((difference @ hessian.to(torch.float32)) * difference).sum(dim=1)
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``."""
+    damped = hessian + damp * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp})")
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True)

@@ -1,0 +1,167 @@
+"""Choose the int4 codes of the planned weights with GPTQ instead of rounding to nearest.
+
+Before: ``linear(x, W)``
+After:  ``linear(x, dequantize_int4_groups(Wq, Ws, Wz, g))`` with ``Ws``/``Wz`` the
+round-to-nearest group scales and zero points and ``Wq`` the codes GPTQ chose for them
+
+(see :mod:`fptq_compile.gptq`). GPTQ needs each input's Hessian ``X^T X / n``, which the
+calibration observers collect (``insert_observers(..., collect_hessians=True)``); the
+pipeline binds them: ``functools.partial(gptq_weights, stats=..., settings=...)``. The
+linears of one activation group read one input, so they share one Hessian and are solved
+together. An input that LAE was folded into is ``x / s``: its Hessian is ``H / (s s^T)``.
+
+Runs after ``fold_log_equalization`` (it quantizes the folded weights) and before
+``insert_w4a8_qdq``, which then quantizes the activations only. Preconditions: every
+linear the plan marks ``gptq`` is in the graph, unquantized, and LAE-folded when its group
+is ``lae_static``; the stats hold its Hessian. Postcondition: those linears are tagged
+``weight_quantized``; running the pass again changes nothing. The report gives each
+weight's SQNR (``weight_sqnr_db``) and its output SQNR on the calibration inputs under
+GPTQ and under round to nearest (``output_sqnr_db``, ``rtn_output_sqnr_db``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from fptq_compile.config import GPTQConfig
+from fptq_compile.errors import CalibrationError, PreconditionError
+from fptq_compile.gptq import HessianNotPositiveDefinite, gptq_int4_groups, output_error
+from fptq_compile.graph_utils import fetch_tensor, find_node
+from fptq_compile.metadata import get_linear_state, update_linear_state
+from fptq_compile.passes.base import PassResult
+from fptq_compile.passes.insert_observers import ActivationStats
+from fptq_compile.passes.insert_w4a8_qdq import swap_in_weight_groups
+from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
+from fptq_compile.primitives import WeightGroups, dequantize_groups, quantize_int4_groups, sqnr_db
+
+
+def gptq_weights(
+    graph_module: fx.GraphModule, plan: QuantPlan, stats: ActivationStats, settings: GPTQConfig | None = None
+) -> PassResult:
+    """Quantize every weight the plan marks ``gptq`` to int4 groups chosen by GPTQ."""
+    settings = settings or GPTQConfig()
+    # Check every group before the first edit: a refused plan leaves the graph as it was.
+    pending: list[tuple[ActivationGroup, list[tuple[fx.Node, LayerPlan]], torch.Tensor]] = []
+    for group in plan.groups:
+        members = _pending_members(graph_module, plan, group)
+        if members:
+            pending.append((group, members, _input_hessian(group, members, stats)))
+
+    report: dict[str, dict[str, float]] = {"weight_sqnr_db": {}, "output_sqnr_db": {}, "rtn_output_sqnr_db": {}}
+    for group, members, hessian in pending:
+        spec = members[0][1].weight
+        weights = [_weight(graph_module, linear) for linear, _ in members]
+        # One solve for the group: GPTQ treats output rows independently under one Hessian.
+        stacked = torch.cat(weights)
+        try:
+            solved = gptq_int4_groups(
+                stacked,
+                hessian,
+                spec.group_size,
+                spec.symmetric,
+                spec.clip_ratios,
+                damp=settings.damp,
+                act_order=settings.act_order,
+                block_size=settings.block_size,
+            )
+        except HessianNotPositiveDefinite as error:
+            raise CalibrationError(
+                f"GPTQ for {', '.join(group.linears)} ({members[0][1].module_path}): {error}; "
+                "calibrate on more tokens or raise weights.gptq.damp"
+            ) from error
+        rows = 0
+        for (linear, layer), weight in zip(members, weights, strict=True):
+            groups = _rows(solved, rows, rows + weight.shape[0])
+            rows += weight.shape[0]
+            _report(report, layer, weight, groups, hessian)
+            swap_in_weight_groups(graph_module, linear, groups, bits=4)
+            update_linear_state(linear, weight_quantized=True)
+    quantized = len(report["weight_sqnr_db"])
+    return PassResult(graph_module, modified=bool(pending), report={"gptq_linears": quantized, **report})
+
+
+def _pending_members(
+    graph_module: fx.GraphModule, plan: QuantPlan, group: ActivationGroup
+) -> list[tuple[fx.Node, LayerPlan]]:
+    """The group's linears planned for GPTQ and not yet quantized, checked against the graph."""
+    members = []
+    for name in group.linears:
+        layer = plan.layer(name)
+        if layer is None or not layer.weight.gptq:
+            continue
+        linear = find_node(graph_module, name)
+        if linear is None or linear.target != torch.ops.aten.linear.default:
+            raise PreconditionError(f"linear {name} ({layer.module_path}) is not in the graph")
+        state = get_linear_state(linear)
+        if state.weight_quantized:
+            continue
+        if group.activation.kind is ActivationClass.LAE_STATIC and not state.lae_folded:
+            raise PreconditionError(
+                f"{name} ({layer.module_path}) is planned lae_static but not folded yet: "
+                "run fold_log_equalization before gptq_weights"
+            )
+        if layer.weight.bits != 4:
+            bits = layer.weight.bits
+            raise PreconditionError(f"{name} ({layer.module_path}): GPTQ is for int4 weights, not {bits}-bit")
+        weight = linear.args[1]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            raise PreconditionError(f"{name} ({layer.module_path}): weight is not a parameter")
+        members.append((linear, layer))
+    specs = {layer.weight for _, layer in members}
+    if len(specs) > 1:
+        raise PreconditionError(f"group {group.input_node}: its GPTQ linears have different weight specs {specs}")
+    return members
+
+
+def _input_hessian(
+    group: ActivationGroup, members: list[tuple[fx.Node, LayerPlan]], stats: ActivationStats
+) -> torch.Tensor:
+    """The Hessian of the input the group's linears read now (after any LAE fold)."""
+    first = members[0][1]
+    hessian = stats.per_linear[first.node].hessian if first.node in stats.per_linear else None
+    if hessian is None:
+        raise PreconditionError(
+            f"no Hessian for {first.node} ({first.module_path}): calibrate with insert_observers(collect_hessians=True)"
+        )
+    if get_linear_state(members[0][0]).lae_folded and group.lae_scale is not None:
+        scale = torch.tensor(group.lae_scale, dtype=hessian.dtype)
+        hessian = hessian / torch.outer(scale, scale)
+    return hessian
+
+
+def _weight(graph_module: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
+    weight = linear.args[1]
+    assert isinstance(weight, fx.Node)  # checked by _pending_members
+    return fetch_tensor(graph_module, str(weight.target)).detach().to(torch.float32)
+
+
+def _rows(groups: WeightGroups, start: int, stop: int) -> WeightGroups:
+    zero_point = None if groups.zero_point is None else groups.zero_point[start:stop].contiguous()
+    return WeightGroups(
+        groups.codes[start:stop].contiguous(), groups.scale[start:stop].contiguous(), zero_point, groups.group_size
+    )
+
+
+def _report(
+    report: dict[str, dict[str, float]],
+    layer: LayerPlan,
+    weight: torch.Tensor,
+    groups: WeightGroups,
+    hessian: torch.Tensor,
+) -> None:
+    """Weight SQNR, and output SQNR on the calibration inputs beside round to nearest's."""
+    spec = layer.weight
+    nearest = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
+    restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
+    rounded = dequantize_groups(nearest.codes, nearest.scale, nearest.zero_point, nearest.group_size)
+    signal = float(output_error(weight, torch.zeros_like(weight), hessian).sum())
+    report["weight_sqnr_db"][layer.node] = sqnr_db(weight, restored)
+    report["output_sqnr_db"][layer.node] = _db(signal, float(output_error(weight, restored, hessian).sum()))
+    report["rtn_output_sqnr_db"][layer.node] = _db(signal, float(output_error(weight, rounded, hessian).sum()))
+
+
+def _db(signal: float, noise: float) -> float:
+    return math.inf if noise <= 0 else 10.0 * math.log10(signal / noise)
