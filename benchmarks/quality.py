@@ -13,8 +13,8 @@ Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512
 calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
-    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--clip] [--rounding gptq|nearest]
-                                 [--rows ...] [--json PATH]
+    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--clip]
+                                 [--rounding gptq|nearest] [--kv-int8] [--tasks] [--rows ...] [--json PATH]
 
 ``--tasks`` adds LAMBADA (OpenAI, first 1000 texts, last-word greedy accuracy) and PIQA
 (validation, zero-shot, per-byte log-likelihood) for every row.
@@ -48,6 +48,7 @@ def run_row(
     symmetric: bool,
     clip: bool,
     rounding: str,
+    kv_int8: bool,
     tasks: bool,
     lambada_limit: int,
 ) -> dict:
@@ -77,6 +78,7 @@ def run_row(
                 rounding=fptq.WeightRounding(rounding),
             ),
             activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
+            kv_cache_int8=kv_int8,
         )
         if name == "w4a8_fptq":
             # A plain float forward over the very tokens compile calibrates on, same batching.
@@ -136,6 +138,7 @@ def main() -> None:
     parser.add_argument(
         "--rounding", choices=["gptq", "nearest"], default="gptq", help="int4 rounding of every row (default gptq)"
     )
+    parser.add_argument("--kv-int8", action="store_true", help="int8 KV cache for every compiled row")
     parser.add_argument("--tasks", action="store_true", help="also LAMBADA and PIQA accuracy (slow)")
     parser.add_argument("--lambada-limit", type=int, default=1000, help="first N LAMBADA texts (default 1000)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
@@ -143,7 +146,7 @@ def main() -> None:
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     args = parser.parse_args()
     if args.row:
-        settings = (args.symmetric, args.clip, args.rounding, args.tasks, args.lambada_limit)
+        settings = (args.symmetric, args.clip, args.rounding, args.kv_int8, args.tasks, args.lambada_limit)
         row = run_row(args.row, args.windows, args.group_size, *settings)
         print(json.dumps(row))
         return
@@ -155,6 +158,7 @@ def main() -> None:
             ["--symmetric"] * args.symmetric
             + ["--clip"] * args.clip
             + ["--rounding", args.rounding]
+            + ["--kv-int8"] * args.kv_int8
             + ["--tasks"] * args.tasks
         )
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -162,7 +166,7 @@ def main() -> None:
         rows.append(row)
         print(_line(row), flush=True)
     summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": args.clip}
-    summary["rounding"] = args.rounding
+    summary["rounding"], summary["kv_int8"] = args.rounding, args.kv_int8
     summary["windows"] = args.windows
     summary["rows"] = rows
     fptq_row = next((r for r in rows if r["row"] == "w4a8_fptq"), None)

@@ -161,6 +161,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--thresholds", type=float, nargs=2, metavar=("V0", "V1"), help="FPTQ v0 < v1 (15 150)")
     parser.add_argument("--no-lae", action="store_true", help="LAE candidates go per-token dynamic instead")
+    parser.add_argument(
+        "--kv-int8", action="store_true", help="keys and values enter the cache as int8 per token and head"
+    )
     parser.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module-path patterns kept float")
     parser.add_argument(
         "--int8-weight-only",
@@ -206,6 +209,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
         put("activations", "static_threshold", args.thresholds[0])
         put("activations", "dynamic_threshold", args.thresholds[1])
     put("activations", "use_lae", False if args.no_lae else None)
+    put(None, "kv_cache_int8", True if args.kv_int8 else None)
     put(None, "ignore", args.ignore)
     put(None, "int8_weight_only", args.int8_weight_only)
     put("export", "layout", getattr(args, "layout", None))

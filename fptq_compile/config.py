@@ -144,6 +144,9 @@ class CompileConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     ignore: tuple[str, ...] = ()
     int8_weight_only: tuple[str, ...] = ()
+    kv_cache_int8: bool = False
+    """Keys and values enter the cache as int8 per token and head (symmetric, dynamic scale
+    ``absmax / 127.5`` over ``head_dim``), as an int8 KV cache stores them."""
     calibration_batch_size: int = 4
     error_samples: int = 4
     """Calibration sequences on which the report measures each group's int8 error (0: skip)."""

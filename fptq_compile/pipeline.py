@@ -43,11 +43,13 @@ from fptq_compile.passes.measure_activation_error import (
     read_activation_errors,
     remove_error_probes,
 )
+from fptq_compile.passes.quantize_kv_cache import quantize_kv_cache
 from fptq_compile.plan import QuantPlan
 from fptq_compile.progress import StepProgress
 
-DEFAULT_PASSES: tuple[Pass, ...] = (fold_log_equalization, insert_w4a8_qdq)
-"""The transforms FPTQ applies once the plan is made, in order."""
+DEFAULT_PASSES: tuple[Pass, ...] = (fold_log_equalization, insert_w4a8_qdq, quantize_kv_cache)
+"""The transforms FPTQ applies once the plan is made, in order (GPTQ is added before
+``insert_w4a8_qdq`` when the weights use it; ``quantize_kv_cache`` acts when planned)."""
 
 
 @dataclass(frozen=True)

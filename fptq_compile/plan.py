@@ -147,6 +147,8 @@ class QuantPlan:
     layers: tuple[LayerPlan, ...]
     groups: tuple[ActivationGroup, ...]
     skipped: tuple[SkippedLayer, ...] = ()
+    kv_cache_int8: bool = False
+    """New keys and values are quantized to int8 per token and head before the cache."""
     format_version: int = PLAN_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -176,6 +178,7 @@ class QuantPlan:
             "skipped_linears": len(self.skipped),
             "linears_per_activation_class": self.activation_class_counts(),
             "activation_groups": len(self.groups),
+            "kv_cache": "int8" if self.kv_cache_int8 else "float",
         }
 
     # --- JSON ------------------------------------------------------------------
@@ -196,6 +199,7 @@ class QuantPlan:
             ],
             "groups": [_group_to_dict(group) for group in self.groups],
             "skipped": [vars(skipped).copy() for skipped in self.skipped],
+            "kv_cache_int8": self.kv_cache_int8,
         }
 
     @classmethod
@@ -221,6 +225,7 @@ class QuantPlan:
                 ),
                 groups=tuple(_group_from_dict(group) for group in data["groups"]),
                 skipped=tuple(SkippedLayer(**skipped) for skipped in data["skipped"]),
+                kv_cache_int8=bool(data.get("kv_cache_int8", False)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"malformed plan: {error!r}") from error

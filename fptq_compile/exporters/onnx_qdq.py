@@ -80,6 +80,9 @@ def export_onnx(
     compiled: CompiledModel, path: str | os.PathLike[str], layout: OnnxLayout = OnnxLayout.ORT
 ) -> OnnxExport:
     """Write ``compiled`` as an ONNX model at ``path`` (atomically) and check it."""
+    if layout is OnnxLayout.ORT and compiled.plan.kv_cache_int8:
+        # The Q/DQ in front of the cache splits the pattern onnxscript fuses into GroupQueryAttention.
+        raise ExportError("an int8 KV cache (kv_cache_int8) exports in the qdq layout only (--layout qdq)")
     destination = Path(path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     kv_layout = compiled.kv_layout

@@ -15,6 +15,7 @@ from fptq_compile.passes.insert_observers import (
     remove_observers,
 )
 from fptq_compile.passes.insert_w4a8_qdq import insert_w4a8_qdq
+from fptq_compile.passes.quantize_kv_cache import quantize_kv_cache
 
 __all__ = [
     "ActivationObserver",
@@ -28,6 +29,7 @@ __all__ = [
     "gptq_weights",
     "insert_observers",
     "insert_w4a8_qdq",
+    "quantize_kv_cache",
     "read_activation_stats",
     "remove_observers",
     "run_pass",

@@ -96,6 +96,7 @@ def analyze_sensitivity(
         layers=layers,
         groups=tuple(groups),
         skipped=tuple(skipped),
+        kv_cache_int8=config.kv_cache_int8,
     )
 
 
