@@ -75,6 +75,11 @@ class JobConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     export: ExportOptions = field(default_factory=ExportOptions)
 
+    def __post_init__(self) -> None:
+        # Refused here, before the compile: the exporter would refuse it after.
+        if self.compile.kv_cache_int8 and self.export.layout is OnnxLayout.ORT:
+            raise ConfigError("an int8 KV cache (kv_cache_int8) exports in the qdq layout only: add --layout qdq")
+
 
 _JOB_KEYS = ("model", "calibration", "export")
 

@@ -141,6 +141,7 @@ def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     write_tiny_model(tmp_path / "no-layers", layers=0)
     (tmp_path / "bad.toml").write_text("[weights]\ngroup_sise = 64\n", encoding="utf-8")
+    (tmp_path / "awq.toml").write_text('[weights]\nrounding = "awq"\n', encoding="utf-8")
     (tmp_path / "existing").mkdir()
     model = str(workspace / "model")
     return {
@@ -158,6 +159,8 @@ def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
         "config file with a typo": ([model, "--config", str(tmp_path / "bad.toml")], "unknown key weights.group_sise"),
         "output folder exists": ([model, "--out", str(tmp_path / "existing")], "exists; pass --overwrite"),
         "int8 weight-only typo": ([model, "--int8-weight-only", "lm_heads"], "pattern 'lm_heads' matches no linear"),
+        "int8 KV cache in the ort layout": ([model, "--kv-int8"], "qdq layout only: add --layout qdq"),
+        "unknown weight rounding": ([model, "--config", str(tmp_path / "awq.toml")], "weights.rounding must be one of"),
     }
 
 
@@ -176,6 +179,8 @@ BAD_INPUT_CASES = (
     "config file with a typo",
     "output folder exists",
     "int8 weight-only typo",
+    "int8 KV cache in the ort layout",
+    "unknown weight rounding",
 )
 
 

@@ -50,3 +50,19 @@ def test_plan_rejects_other_versions_and_malformed_data():
         QuantPlan.from_dict({**data, "format_version": 99})
     with pytest.raises(fptq.ConfigError, match="malformed"):
         QuantPlan.from_dict({k: v for k, v in data.items() if k != "groups"})
+
+
+def test_config_round_trips_through_plain_data_with_the_weight_and_cache_options():
+    from fptq_compile.config import config_from_dict, config_to_dict
+
+    config = fptq.CompileConfig(
+        weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST, gptq=fptq.GPTQConfig(damp=0.05)),
+        kv_cache_int8=True,
+    )
+    data = json.loads(json.dumps(config_to_dict(config)))
+    assert data["weights"]["rounding"] == "nearest" and data["kv_cache_int8"] is True
+    assert config_from_dict(data) == config
+    with pytest.raises(fptq.ConfigError, match=r"weights\.rounding must be one of gptq, nearest"):
+        config_from_dict({"weights": {"rounding": "awq"}})
+    with pytest.raises(fptq.ConfigError, match=r"weights.gptq.damp must be a number in \(0, 1\)"):
+        fptq.GPTQConfig(damp=2.0)
