@@ -1,9 +1,9 @@
 """Quality of W4A8 policies on SmolLM2-135M, in one run, at the same weight settings.
 
-Rows: float, naive W4A8 (int4 g128 RTN, every activation per-tensor static), W4A8 with
-every activation per-token dynamic, FPTQ W4A8 with the paper's thresholds, W4A16 (weights
-only) and the error-driven W4A8 policy (the default). Weights are asymmetric (the
-default) unless ``--symmetric``.
+Rows: float, naive W4A8 (every activation per-tensor static), W4A8 with every activation
+per-token dynamic, FPTQ W4A8 with the paper's thresholds, W4A16 (weights only) and the
+error-driven W4A8 policy (the default), all with the same int4 weights: asymmetric (the
+default) unless ``--symmetric``, GPTQ (the default) unless ``--rounding nearest``.
 Each row runs in its own process, so its peak RSS is its own (model loading included;
 the RSS right after loading is reported beside it). The FPTQ row also times a plain
 float forward pass over the same calibration tokens, in the same process, so compile
@@ -14,7 +14,8 @@ calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation t
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
     python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--clip]
-                                 [--rounding gptq|nearest] [--kv-int8] [--tasks] [--rows ...] [--json PATH]
+                                 [--rounding gptq|nearest] [--kv-int8] [--random-calibration]
+                                 [--tasks] [--rows ...] [--json PATH]
 
 ``--tasks`` adds LAMBADA (OpenAI, first 1000 texts, last-word greedy accuracy) and PIQA
 (validation, zero-shot, per-byte log-likelihood) for every row.
@@ -49,6 +50,7 @@ def run_row(
     clip: bool,
     rounding: str,
     kv_int8: bool,
+    random_calibration: bool,
     tasks: bool,
     lambada_limit: int,
 ) -> dict:
@@ -65,7 +67,7 @@ def run_row(
     row["rss_after_load_gb"] = round(peak_rss_bytes() / 1e9, 3)
     eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
     lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.Texts(tuple(lines), separator=" ")
+    calibration = fptq.RandomTokens() if random_calibration else fptq.Texts(tuple(lines), separator=" ")
     policy = ROWS[name]
     if policy is None:
         forward = lambda ids: loaded.model(input_ids=ids, use_cache=False).logits  # noqa: E731
@@ -139,6 +141,9 @@ def main() -> None:
         "--rounding", choices=["gptq", "nearest"], default="gptq", help="int4 rounding of every row (default gptq)"
     )
     parser.add_argument("--kv-int8", action="store_true", help="int8 KV cache for every compiled row")
+    parser.add_argument(
+        "--random-calibration", action="store_true", help="data-free calibration (the CLI's default) for every row"
+    )
     parser.add_argument("--tasks", action="store_true", help="also LAMBADA and PIQA accuracy (slow)")
     parser.add_argument("--lambada-limit", type=int, default=1000, help="first N LAMBADA texts (default 1000)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
@@ -146,7 +151,15 @@ def main() -> None:
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     args = parser.parse_args()
     if args.row:
-        settings = (args.symmetric, args.clip, args.rounding, args.kv_int8, args.tasks, args.lambada_limit)
+        settings = (
+            args.symmetric,
+            args.clip,
+            args.rounding,
+            args.kv_int8,
+            args.random_calibration,
+            args.tasks,
+            args.lambada_limit,
+        )
         row = run_row(args.row, args.windows, args.group_size, *settings)
         print(json.dumps(row))
         return
@@ -159,6 +172,7 @@ def main() -> None:
             + ["--clip"] * args.clip
             + ["--rounding", args.rounding]
             + ["--kv-int8"] * args.kv_int8
+            + ["--random-calibration"] * args.random_calibration
             + ["--tasks"] * args.tasks
         )
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -167,6 +181,7 @@ def main() -> None:
         print(_line(row), flush=True)
     summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": args.clip}
     summary["rounding"], summary["kv_int8"] = args.rounding, args.kv_int8
+    summary["random_calibration"] = args.random_calibration
     summary["windows"] = args.windows
     summary["rows"] = rows
     fptq_row = next((r for r in rows if r["row"] == "w4a8_fptq"), None)
