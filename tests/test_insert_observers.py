@@ -32,20 +32,15 @@ def test_one_observer_per_distinct_linear_input(captured):
     assert not any(isinstance(m, ActivationObserver) for m in captured.graph_module.modules())
 
 
-def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
-    insert_observers(captured.graph_module, captured.linears)
-    run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
-    stats = read_activation_stats(captured.graph_module)
-    remove_observers(captured.graph_module)
-
+def _linear_inputs(llama, token_ids) -> dict[str, torch.Tensor]:
+    """Every linear's input tokens ``[n, in_features]`` in one eager forward, by module path."""
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(module, inputs, output, name):
-        x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
-        seen[name] = torch.maximum(seen[name], x) if name in seen else x
+    def record(name: str, inputs: tuple[torch.Tensor, ...]) -> None:  # a hook returning None keeps the output
+        seen[name] = inputs[0].detach()
 
     handles = [
-        module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+        module.register_forward_hook(lambda m, i, o, name=name: record(name, i))
         for name, module in llama.named_modules()
         if isinstance(module, torch.nn.Linear)
     ]
@@ -53,8 +48,22 @@ def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
         llama(token_ids)
     for handle in handles:
         handle.remove()
+    return {name: x.reshape(-1, x.shape[-1]) for name, x in seen.items()}
+
+
+def _calibrated_stats(captured, token_ids, collect_hessians=False):
+    insert_observers(captured.graph_module, captured.linears, collect_hessians=collect_hessians)
+    run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
+    stats = read_activation_stats(captured.graph_module)
+    remove_observers(captured.graph_module)
+    return stats
+
+
+def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
+    stats = _calibrated_stats(captured, token_ids)
+    inputs = _linear_inputs(llama, token_ids)
     for site in captured.linears:
-        torch.testing.assert_close(stats[site.node].channel_absmax, seen[site.module_path])
+        torch.testing.assert_close(stats[site.node].channel_absmax, inputs[site.module_path].abs().amax(dim=0))
         assert stats[site.node].num_tokens == token_ids.numel()
 
 
@@ -78,27 +87,13 @@ def test_reading_before_calibration_is_a_clear_error(captured):
 
 
 def test_hessians_equal_a_direct_measurement(llama, captured, token_ids):
-    insert_observers(captured.graph_module, captured.linears, collect_hessians=True)
-    run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
-    stats = read_activation_stats(captured.graph_module)
-    remove_observers(captured.graph_module)
-
-    inputs: dict[str, list[torch.Tensor]] = {}
-    handles = [
-        module.register_forward_hook(lambda m, i, o, name=name: inputs.setdefault(name, []).append(i[0].detach()))
-        for name, module in llama.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
-    with torch.no_grad():
-        llama(token_ids)
-    for handle in handles:
-        handle.remove()
+    # Calibrated in batches of 3 rows, measured here in one: the sums must agree.
+    stats = _calibrated_stats(captured, token_ids, collect_hessians=True)
+    inputs = _linear_inputs(llama, token_ids)
     for site in captured.linears:
-        tokens = torch.cat(inputs[site.module_path]).reshape(-1, site_width := stats[site.node].channel_absmax.numel())
-        assert stats[site.node].hessian.shape == (site_width, site_width)
-        torch.testing.assert_close(
-            stats[site.node].hessian, tokens.t() @ tokens / tokens.shape[0], rtol=1e-4, atol=1e-4
-        )
+        tokens = inputs[site.module_path]
+        expected = tokens.t() @ tokens / tokens.shape[0]
+        torch.testing.assert_close(stats[site.node].hessian, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_hessians_are_only_collected_on_request(captured, token_ids):
