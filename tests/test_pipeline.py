@@ -91,7 +91,8 @@ def test_a_failing_user_pass_is_named(llama, token_ids):
 
 
 def test_data_free_calibration(llama):
-    compiled = fptq.compile(llama, fptq.RandomTokens(), num_samples=2, seq_len=16, progress=False)
+    with pytest.warns(UserWarning, match="GPTQ on data-free"):
+        compiled = fptq.compile(llama, fptq.RandomTokens(), num_samples=2, seq_len=16, progress=False)
     assert compiled.report.calibration_tokens == 32
 
 
