@@ -12,11 +12,9 @@ column permutation at run time. GPTQ then only re-chooses the codes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fptq_compile.primitives import INT4_MAX, INT4_MIN, WeightGroups, expand_groups, quantize_int4_groups
+from fptq_compile.primitives import INT4_MAX, INT4_MIN, WeightGroups, expand_groups
 
 
 class HessianNotPositiveDefinite(ValueError):
@@ -26,9 +24,7 @@ class HessianNotPositiveDefinite(ValueError):
 def gptq_int4_groups(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    group_size: int,
-    symmetric: bool,
-    clip_ratios: Sequence[float] = (),
+    nearest: WeightGroups,
     *,
     damp: float = 0.01,
     act_order: bool = True,
@@ -36,15 +32,17 @@ def gptq_int4_groups(
 ) -> WeightGroups:
     """int4 codes for ``weight [N, K]`` chosen by GPTQ against ``hessian [K, K]``.
 
-    Scales and zero points are those :func:`quantize_int4_groups` picks for ``weight``
-    (with the same ``clip_ratios``), so only the rounding differs from RTN. ``damp`` is
-    added to the Hessian's diagonal as a fraction of its mean; ``act_order`` visits the
-    columns by decreasing Hessian diagonal; ``block_size`` columns are updated together
-    between lazy batch updates (speed only).
+    ``nearest`` is the round-to-nearest quantization of ``weight``
+    (:func:`quantize_int4_groups`, with any clipping): its scales and zero points are
+    kept, so only the rounding differs. ``damp`` is added to the Hessian's diagonal as a
+    fraction of its mean; ``act_order`` visits the columns by decreasing Hessian diagonal;
+    ``block_size`` columns are updated together between lazy batch updates (speed only).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
-    grid = quantize_int4_groups(weight, group_size, symmetric, clip_ratios)
+    if nearest.codes.shape != weight.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and its groups {tuple(nearest.codes.shape)} do not match")
+    grid, group_size = nearest, nearest.group_size
     in_features = weight.shape[1]
     scale = expand_groups(grid.scale, group_size, in_features)
     zero_point = torch.zeros_like(scale)

@@ -29,7 +29,7 @@ def test_gptq_keeps_the_nearest_grid_and_lowers_the_output_error(symmetric, act_
     hessian = inputs.t() @ inputs / inputs.shape[0]
     weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(1))
     nearest = quantize_int4_groups(weight, 32, symmetric)
-    solved = gptq_int4_groups(weight, hessian, 32, symmetric, act_order=act_order)
+    solved = gptq_int4_groups(weight, hessian, nearest, act_order=act_order)
     assert torch.equal(solved.scale, nearest.scale)
     if symmetric:
         assert solved.zero_point is None
@@ -49,7 +49,7 @@ def test_uncorrelated_inputs_leave_nothing_to_compensate():
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     hessian = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5)
     nearest = quantize_int4_groups(weight, 16, False)
-    assert torch.equal(gptq_int4_groups(weight, hessian, 16, False).codes, nearest.codes)
+    assert torch.equal(gptq_int4_groups(weight, hessian, nearest).codes, nearest.codes)
 
 
 def test_inputs_that_never_fire_do_not_break_the_solve():
@@ -57,7 +57,7 @@ def test_inputs_that_never_fire_do_not_break_the_solve():
     inputs[:, 10] = 0.0
     hessian = inputs.t() @ inputs / inputs.shape[0]
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
-    solved = gptq_int4_groups(weight, hessian, 32, False)
+    solved = gptq_int4_groups(weight, hessian, quantize_int4_groups(weight, 32, False))
     assert torch.isfinite(_restored(solved)).all()
 
 
@@ -65,14 +65,18 @@ def test_block_size_changes_speed_not_the_result():
     inputs = _correlated_inputs(256, 64)
     hessian = inputs.t() @ inputs / inputs.shape[0]
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
-    whole = gptq_int4_groups(weight, hessian, 32, False, block_size=64)
-    blocked = gptq_int4_groups(weight, hessian, 32, False, block_size=16)
+    nearest = quantize_int4_groups(weight, 32, False)
+    whole = gptq_int4_groups(weight, hessian, nearest, block_size=64)
+    blocked = gptq_int4_groups(weight, hessian, nearest, block_size=16)
     assert (whole.codes != blocked.codes).float().mean() < 0.01  # float summation order only
 
 
 def test_a_hessian_without_a_cholesky_factor_is_refused():
-    hessian = -torch.eye(8)
+    weight = torch.randn(4, 8)
+    nearest = quantize_int4_groups(weight, 8, False)
     with pytest.raises(HessianNotPositiveDefinite):
-        gptq_int4_groups(torch.randn(4, 8), hessian, 8, False)
+        gptq_int4_groups(weight, -torch.eye(8), nearest)
     with pytest.raises(ValueError, match="do not match"):
-        gptq_int4_groups(torch.randn(4, 8), torch.eye(6), 8, False)
+        gptq_int4_groups(weight, torch.eye(6), nearest)
+    with pytest.raises(ValueError, match="do not match"):
+        gptq_int4_groups(weight, torch.eye(8), quantize_int4_groups(torch.randn(4, 6), 8, False))

@@ -56,13 +56,13 @@ def gptq_weights(
         weights = [_weight(graph_module, linear) for linear, _ in members]
         # One solve for the group: GPTQ treats output rows independently under one Hessian.
         stacked = torch.cat(weights)
+        # GPTQ keeps round to nearest's grid (clipping included) and re-chooses the codes.
+        nearest = quantize_int4_groups(stacked, spec.group_size, spec.symmetric, spec.clip_ratios)
         try:
             solved = gptq_int4_groups(
                 stacked,
                 hessian,
-                spec.group_size,
-                spec.symmetric,
-                spec.clip_ratios,
+                nearest,
                 damp=settings.damp,
                 act_order=settings.act_order,
                 block_size=settings.block_size,
@@ -75,8 +75,8 @@ def gptq_weights(
         rows = 0
         for (linear, layer), weight in zip(members, weights, strict=True):
             groups = _rows(solved, rows, rows + weight.shape[0])
+            _report(report, layer.node, weight, groups, _rows(nearest, rows, rows + weight.shape[0]), hessian)
             rows += weight.shape[0]
-            _report(report, layer, weight, groups, hessian)
             swap_in_weight_groups(graph_module, linear, groups, bits=4)
             update_linear_state(linear, weight_quantized=True)
     quantized = len(report["weight_sqnr_db"])
@@ -147,20 +147,19 @@ def _rows(groups: WeightGroups, start: int, stop: int) -> WeightGroups:
 
 def _report(
     report: dict[str, dict[str, float]],
-    layer: LayerPlan,
+    node: str,
     weight: torch.Tensor,
     groups: WeightGroups,
+    nearest: WeightGroups,
     hessian: torch.Tensor,
 ) -> None:
     """Weight SQNR, and output SQNR on the calibration inputs beside round to nearest's."""
-    spec = layer.weight
-    nearest = quantize_int4_groups(weight, spec.group_size, spec.symmetric, spec.clip_ratios)
     restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
     rounded = dequantize_groups(nearest.codes, nearest.scale, nearest.zero_point, nearest.group_size)
     signal = float(output_error(weight, torch.zeros_like(weight), hessian).sum())
-    report["weight_sqnr_db"][layer.node] = sqnr_db(weight, restored)
-    report["output_sqnr_db"][layer.node] = _db(signal, float(output_error(weight, restored, hessian).sum()))
-    report["rtn_output_sqnr_db"][layer.node] = _db(signal, float(output_error(weight, rounded, hessian).sum()))
+    report["weight_sqnr_db"][node] = sqnr_db(weight, restored)
+    report["output_sqnr_db"][node] = _db(signal, float(output_error(weight, restored, hessian).sum()))
+    report["rtn_output_sqnr_db"][node] = _db(signal, float(output_error(weight, rounded, hessian).sum()))
 
 
 def _db(signal: float, noise: float) -> float:
