@@ -29,11 +29,11 @@ from torch import fx
 from fptq_compile.config import GPTQConfig
 from fptq_compile.errors import CalibrationError, PreconditionError
 from fptq_compile.gptq import HessianNotPositiveDefinite, gptq_int4_groups, output_error
-from fptq_compile.graph_utils import fetch_tensor, find_node
+from fptq_compile.graph_utils import find_node
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.passes.insert_observers import ActivationStats
-from fptq_compile.passes.insert_w4a8_qdq import swap_in_weight_groups
+from fptq_compile.passes.insert_w4a8_qdq import float_weight, swap_in_weight_groups
 from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
 from fptq_compile.primitives import WeightGroups, dequantize_groups, quantize_int4_groups, sqnr_db
 
@@ -53,7 +53,7 @@ def gptq_weights(
     report: dict[str, dict[str, float]] = {"weight_sqnr_db": {}, "output_sqnr_db": {}, "rtn_output_sqnr_db": {}}
     for group, members, hessian in pending:
         spec = members[0][1].weight
-        weights = [_weight(graph_module, linear) for linear, _ in members]
+        weights = [float_weight(graph_module, linear, layer).detach().to(torch.float32) for linear, layer in members]
         # One solve for the group: GPTQ treats output rows independently under one Hessian.
         stacked = torch.cat(weights)
         # GPTQ keeps round to nearest's grid (clipping included) and re-chooses the codes.
@@ -106,9 +106,7 @@ def _pending_members(
         if layer.weight.bits != 4:
             bits = layer.weight.bits
             raise PreconditionError(f"{name} ({layer.module_path}): GPTQ is for int4 weights, not {bits}-bit")
-        weight = linear.args[1]
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-            raise PreconditionError(f"{name} ({layer.module_path}): weight is not a parameter")
+        float_weight(graph_module, linear, layer)  # refuses a weight that is not a parameter
         members.append((linear, layer))
     specs = {layer.weight for _, layer in members}
     if len(specs) > 1:
@@ -130,12 +128,6 @@ def _input_hessian(
         scale = torch.tensor(group.lae_scale, dtype=hessian.dtype)
         hessian = hessian / torch.outer(scale, scale)
     return hessian
-
-
-def _weight(graph_module: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
-    weight = linear.args[1]
-    assert isinstance(weight, fx.Node)  # checked by _pending_members
-    return fetch_tensor(graph_module, str(weight.target)).detach().to(torch.float32)
 
 
 def _rows(groups: WeightGroups, start: int, stop: int) -> WeightGroups:

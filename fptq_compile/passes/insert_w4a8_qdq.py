@@ -62,7 +62,7 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
         if layer.weight.gptq and not state.weight_quantized:
             raise PreconditionError(
                 f"{layer.node} ({layer.module_path}) is planned for GPTQ weights but they were not quantized: "
-                "run gptq_weights first (compile adds it when weights.gptq is set)"
+                "run gptq_weights first (compile adds it when weights.rounding is gptq)"
             )
         if group.activation.kind is ActivationClass.LAE_STATIC and not state.lae_folded:
             raise PreconditionError(
@@ -94,7 +94,7 @@ def insert_w4a8_qdq(graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult
 
 def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> float:
     """Swap the weight for its int4 (or int8) groups; return their SQNR in dB against the float weight."""
-    weight = _float_weight(graph_module, linear, layer)
+    weight = float_weight(graph_module, linear, layer)
     spec = layer.weight
     if spec.bits == 8:
         groups = quantize_int8_groups(weight, spec.group_size)
@@ -106,7 +106,8 @@ def _quantize_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: Layer
     return sqnr_db(weight, dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size))
 
 
-def _float_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> torch.Tensor:
+def float_weight(graph_module: fx.GraphModule, linear: fx.Node, layer: LayerPlan) -> torch.Tensor:
+    """The planned linear's weight parameter (refused if the weight is not a parameter)."""
     weight_node = linear.args[1]
     if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
         raise PreconditionError(f"{layer.node} ({layer.module_path}): weight is not a parameter")
