@@ -70,7 +70,7 @@ class _CausalLMWithCache(nn.Module):
         from transformers import DynamicCache
 
         causal_lm = getattr(self, _WRAPPED)
-        cache = DynamicCache(config=causal_lm.config)
+        cache = DynamicCache()
         for layer, (key, value) in enumerate(past_key_values):
             cache.update(key, value, layer)
         # Positions and the causal mask follow from the cache length (no padding).
@@ -125,6 +125,8 @@ class CapturedModel:
     kv_layout: KVCacheLayout
     max_sequence_length: int | None
     vocab_size: int | None
+    unsupported: tuple[SkippedLayer, ...] = ()
+    """Matmuls reading a parameter in a form no pass quantizes, each with its reason (kept float)."""
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return logits(self.graph_module, self.kv_layout, input_ids)
@@ -138,8 +140,8 @@ def capture(model: nn.Module) -> CapturedModel:
     dynamic (the past may be empty), so one graph serves calibration, evaluation,
     prefill and token-by-token decoding.
     """
-    if not any(isinstance(module, nn.Linear) for module in model.modules()):
-        raise UnsupportedGraphError(f"{type(model).__name__} has no linear layer (nn.Linear): nothing to quantize")
+    if not any(parameter.dim() == 2 for parameter in model.parameters()):
+        raise UnsupportedGraphError(f"{type(model).__name__} has no linear layer (no 2-D weight): nothing to quantize")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise UnsupportedGraphError(f"{type(model).__name__} has no Hugging Face config: not a supported causal LM")
@@ -160,7 +162,16 @@ def capture(model: nn.Module) -> CapturedModel:
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}"
         ) from error
     graph_module = exported.module()
-    return CapturedModel(graph_module, find_linear_sites(graph_module), kv_layout, max_sequence_length, vocab_size)
+    # Imported here: the passes package imports this module.
+    from fptq_compile.passes.canonicalize_linears import canonicalize_linears, unsupported_matmuls
+
+    # GPT-2's Conv1D and other x @ W matmuls become aten.linear, the form every pass reads.
+    canonicalize_linears(graph_module)
+    unsupported = tuple(
+        SkippedLayer(node.name, module_path_of(node), reason) for node, reason in unsupported_matmuls(graph_module)
+    )
+    linears = find_linear_sites(graph_module)
+    return CapturedModel(graph_module, linears, kv_layout, max_sequence_length, vocab_size, unsupported)
 
 
 def model_limits(model: nn.Module) -> tuple[int | None, int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -101,3 +102,87 @@ def remove_probes(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> 
         graph_module.graph.lint()
         graph_module.recompile()
     return len(probes)
+
+
+_ATEN = torch.ops.aten
+_CASTS = (_ATEN.to.dtype, _ATEN.type_as.default, _ATEN._to_copy.default, _ATEN.clone.default, _ATEN.alias.default)
+_VIEWS = (_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
+
+
+def _last_dim(node: object) -> object:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else None
+
+
+def _float_dtype(node: object) -> torch.dtype | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) and value.dtype.is_floating_point else None
+
+
+def is_channel_transparent(node: fx.Node) -> bool:
+    """Whether ``node`` passes its first input through with every last-dimension channel
+    intact and unscaled: a float-to-float cast, a copy, or a view that keeps the last dimension.
+
+    A per-channel scale commutes with such a node, so a fold may look through it.
+    """
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0]
+    if node.target in _CASTS:
+        return _float_dtype(node) is not None and _float_dtype(source) is not None
+    if node.target in _VIEWS:
+        channels = _last_dim(node)
+        return channels is not None and channels == _last_dim(source)
+    return False
+
+
+def transparent_source(node: fx.Node) -> fx.Node:
+    """Walk back from ``node`` through channel-transparent nodes whose input feeds nothing
+    else (:func:`is_channel_transparent`); return the first node that is not one of them."""
+    while is_channel_transparent(node):
+        source = node.args[0]
+        assert isinstance(source, fx.Node)  # checked by is_channel_transparent
+        if len(source.users) != 1:
+            break
+        node = source
+    return node
+
+
+@dataclass(frozen=True)
+class ChannelGain:
+    """A per-channel gain ``offset + p`` built from a 1-D parameter ``p`` (RMSNorm's ``w``;
+    Gemma's ``1 + w``), seen through float casts."""
+
+    parameter: fx.Node
+    """The ``get_attr`` node of ``p``."""
+    reader: fx.Node
+    """The node that reads ``parameter`` on the way to the gain (where a fold rewires it)."""
+    offset: float
+
+
+def channel_gain(graph_module: fx.GraphModule, arg: object, consumer: fx.Node) -> ChannelGain | None:
+    """``arg`` of ``consumer`` as a :class:`ChannelGain` over ``consumer``'s last dimension, or None.
+
+    Recognised: a 1-D ``get_attr`` as long as that dimension, under any chain of float casts
+    and additions of a Python scalar (``add(cast(w), 1.0)``), each read only on the way.
+    """
+    offset, reader = 0.0, consumer
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and len(arg.users) == 1:
+        if arg.target in _CASTS and _float_dtype(arg) is not None:
+            reader, arg = arg, arg.args[0]
+        elif arg.target == _ATEN.add.Tensor and len(arg.args) == 2 and not arg.kwargs:
+            tensors = [a for a in arg.args if isinstance(a, fx.Node)]
+            scalars = [a for a in arg.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            if len(tensors) != 1 or len(scalars) != 1:
+                return None
+            offset += float(scalars[0])
+            reader, arg = arg, tensors[0]
+        else:
+            return None
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    tensor = fetch_tensor(graph_module, str(arg.target))
+    channels = _last_dim(consumer)
+    if tensor.dim() != 1 or not tensor.is_floating_point() or (channels is not None and tensor.shape[0] != channels):
+        return None
+    return ChannelGain(arg, reader, offset)

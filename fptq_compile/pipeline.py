@@ -26,7 +26,7 @@ from fptq_compile.capture import (
 )
 from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError
-from fptq_compile.graph_utils import drop_unused_attributes
+from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor
 from fptq_compile.models import LoadedModel
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
@@ -161,6 +161,7 @@ def _analyze(
     graph_module = captured.graph_module
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
     linears, skipped = select_linears(captured.linears, config)
+    skipped = (*skipped, *captured.unsupported)
     with steps.step("calibration"):
         # Temporary observers measure per-channel max|X| of each linear input (and its
         # Hessian for GPTQ), then leave.
@@ -259,7 +260,7 @@ def _linear_weight_bytes(graph_module: fx.GraphModule, plan: QuantPlan) -> int:
     planned = {layer.node for layer in plan.layers}
     for node in graph_module.graph.nodes:
         if node.name in planned and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
-            weight = graph_module.get_parameter(str(node.args[1].target))
+            weight = fetch_tensor(graph_module, str(node.args[1].target))
             total += weight.numel() * weight.element_size()
     return total
 

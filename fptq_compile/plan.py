@@ -41,7 +41,8 @@ class FoldKind(enum.Enum):
     """The upstream op an LAE scale is folded into."""
 
     RMS_NORM = "rms_norm"
-    """``mul(norm_weight, normalized_x)``: the norm weight is divided by s."""
+    """``mul(gain, normalized_x)``, the gain the norm weight ``w`` (divided by s) or an offset
+    one ``c + w`` such as Gemma's ``1 + w`` (``w`` rewritten so that ``c + w'`` is ``(c + w) / s``)."""
     LAYER_NORM = "layer_norm"
     """``aten.layer_norm(x, shape, weight, bias)``: weight and bias are divided by s."""
     LINEAR_ROWS = "linear_rows"
@@ -86,6 +87,9 @@ class FoldTarget:
     """``ATTENTION_VALUE`` only: channels per head."""
     query_heads_per_kv_head: int = 0
     """``ATTENTION_VALUE`` only: how many query heads read each key/value head."""
+    gain_offset: float = 0.0
+    """``RMS_NORM`` only: the constant added to the norm weight ``w`` to make its gain
+    (1.0 for Gemma's ``(1 + w)``); the fold writes ``w'`` with ``offset + w' = (offset + w) / s``."""
 
     def kv_channel_of(self, channels: int) -> torch.Tensor:
         """``ATTENTION_VALUE``: for each of the ``channels`` attention-output channels

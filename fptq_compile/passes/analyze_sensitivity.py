@@ -28,7 +28,7 @@ from torch import fx
 from fptq_compile.capture import LinearSite, module_path_of
 from fptq_compile.config import ActivationPolicy, CompileConfig, WeightRounding
 from fptq_compile.errors import CalibrationError, ConfigError
-from fptq_compile.graph_utils import fetch_tensor, find_node
+from fptq_compile.graph_utils import channel_gain, fetch_tensor, find_node, transparent_source
 from fptq_compile.passes.insert_observers import ActivationStats
 from fptq_compile.passes.measure_activation_error import ActivationErrors, Candidate, GroupCandidates
 from fptq_compile.plan import (
@@ -320,8 +320,10 @@ def find_fold_target(
 ) -> tuple[FoldTarget | None, str]:
     """Where an LAE scale can be folded exactly, or None and why not.
 
-    Foldable: an RMSNorm's final ``mul(weight, normalized_x)`` or an ``aten.layer_norm``
-    with a weight, whose output feeds exactly these linears, with a 1-D parameter weight;
+    Foldable: an RMSNorm's final ``mul(gain, normalized_x)``, the gain a 1-D parameter ``w``
+    or an offset one such as Gemma's ``1 + w`` (:func:`~fptq_compile.graph_utils.channel_gain`),
+    or an ``aten.layer_norm`` with a weight, whose output feeds exactly these linears, maybe
+    through casts and views that keep the channels (:func:`~fptq_compile.graph_utils.transparent_source`);
     or a gated MLP's ``mul(act(gate(x)), up(x))`` feeding exactly these linears, where
     ``up`` is a linear with a parameter weight read by nothing but this mul (its rows take
     the scale: ``act(gate) * up / s``); or an attention output (o_proj's input) whose values
@@ -332,35 +334,32 @@ def find_fold_target(
     if node is None:
         return None, f"its input {input_node} is not in the graph"
     other_users = sorted(user.name for user in node.users if user.name not in linears)
-    if node.op == "call_function" and node.target == _MUL:
-        weight_arg = next((arg for arg in node.args if _is_channel_parameter(graph_module, arg, node)), None)
-        up = next((arg for arg in node.args if isinstance(arg, fx.Node) and _is_private_linear(arg, node)), None)
-        if weight_arg is None and up is None:
-            return None, f"its input {node.name} is a mul of neither a per-channel parameter nor a linear's output"
-        if weight_arg is None and up is not None:
-            if other_users:
-                return None, f"the gated product {node.name} also feeds {', '.join(other_users)}"
+    if other_users:
+        return None, f"its input {node.name} also feeds {', '.join(other_users)}"
+    # Casts and last-dimension-keeping views between the norm and the linears commute with
+    # a per-channel scale (Gemma's type_as, GPT-2's flattening view before its addmm).
+    source = transparent_source(node)
+    if _is_call(source, _MUL):
+        gain = next((g for arg in source.args if (g := channel_gain(graph_module, arg, source)) is not None), None)
+        up = next((arg for arg in source.args if isinstance(arg, fx.Node) and _is_private_linear(arg, source)), None)
+        if gain is not None:
+            return FoldTarget(FoldKind.RMS_NORM, source.name, module_path_of(source), gain_offset=gain.offset), ""
+        if up is not None and source is node:
             return FoldTarget(FoldKind.LINEAR_ROWS, up.name, module_path_of(up)), ""
-        kind = FoldKind.RMS_NORM
-    elif node.op == "call_function" and node.target in _VIEWS:
-        found = _attention_value_source(node)
+        return None, f"its input {source.name} is a mul of neither a per-channel parameter nor a linear's output"
+    if _is_call(source, _LAYER_NORM):
+        weight_arg = source.args[2] if len(source.args) > 2 else None
+        if not _is_channel_parameter(graph_module, weight_arg, source):
+            return None, f"its layer_norm {source.name} has no weight parameter"
+        return FoldTarget(FoldKind.LAYER_NORM, source.name, module_path_of(source)), ""
+    if _is_call(source, *_VIEWS):
+        found = _attention_value_source(source)
         if isinstance(found, str):
             return None, found
-        if other_users:
-            return None, f"the attention output {node.name} also feeds {', '.join(other_users)}"
         value, head_dim, group = found
         return FoldTarget(FoldKind.ATTENTION_VALUE, value.name, module_path_of(value), head_dim, group), ""
-    elif node.op == "call_function" and node.target == _LAYER_NORM:
-        weight_arg = node.args[2] if len(node.args) > 2 else None
-        if not _is_channel_parameter(graph_module, weight_arg, node):
-            return None, f"its layer_norm {node.name} has no weight parameter"
-        kind = FoldKind.LAYER_NORM
-    else:
-        producer = node.target if node.op == "call_function" else node.op
-        return None, f"no foldable norm produces it ({producer})"
-    if other_users:
-        return None, f"the norm output {node.name} also feeds {', '.join(other_users)}"
-    return FoldTarget(kind, node.name, module_path_of(node)), ""
+    producer = source.target if source.op == "call_function" else source.op
+    return None, f"no foldable norm produces it ({producer})"
 
 
 def _attention_value_source(node: fx.Node) -> tuple[fx.Node, int, int] | str:
