@@ -151,7 +151,27 @@ def run_calibration(
     forward: Callable[[torch.Tensor], object], token_ids: torch.Tensor, batch_size: int, progress: bool = True
 ) -> None:
     """Run ``token_ids`` through ``forward`` in batches (observers record what they see)."""
-    batches = token_ids.split(batch_size)
+    run_batches(forward, token_ids.split(batch_size), progress)
+
+
+def run_batches(forward: Callable[[Any], object], batches: Sequence[Any], progress: bool = True) -> None:
+    """Run every batch through ``forward``, under ``torch.no_grad``."""
     with torch.no_grad():
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
             forward(batch)
+
+
+def input_batches(source: object) -> list[Any]:
+    """Calibration for a graph with its own inputs (not a causal LM): a non-empty list or
+    tuple of batches, each a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if not isinstance(source, (list, tuple)) or not source:
+        raise CalibrationError(
+            "calibrating a module on its own inputs takes a non-empty list of batches (each a tensor, a tuple "
+            f"of positional inputs or a dict of keyword inputs), got {type(source).__name__}"
+        )
+    for index, batch in enumerate(source):
+        if not isinstance(batch, (torch.Tensor, tuple, dict)):
+            raise CalibrationError(
+                f"calibration batch {index} is a {type(batch).__name__}: give a tensor, a tuple or a dict"
+            )
+    return list(source)

@@ -8,13 +8,15 @@ edit them in place (they register new tensors instead).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
@@ -117,19 +119,55 @@ class LinearSite:
 
 
 @dataclass(frozen=True)
+class GraphSignature:
+    """How a captured graph is called: example positional and keyword inputs, and their
+    dynamic shapes as ``torch.export`` spells them (re-exports for saving and ONNX use it)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    dynamic_shapes: Any = None
+
+
+@dataclass(frozen=True)
 class CapturedModel:
-    """The graph ``(input_ids, past) -> (logits, present)`` and its linears."""
+    """A captured graph and its linears.
+
+    A Hugging Face causal LM is captured as ``(input_ids, past) -> (logits, present)``
+    (``kv_layout`` set); any other module, exported program or graph module keeps its own
+    inputs and outputs (``kv_layout`` is None).
+    """
 
     graph_module: fx.GraphModule
     linears: tuple[LinearSite, ...]
-    kv_layout: KVCacheLayout
+    kv_layout: KVCacheLayout | None
     max_sequence_length: int | None
     vocab_size: int | None
     unsupported: tuple[SkippedLayer, ...] = ()
     """Matmuls reading a parameter in a form no pass quantizes, each with its reason (kept float)."""
+    signature: GraphSignature | None = None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.kv_layout is None:
+            raise UnsupportedGraphError("this graph is not a causal LM with a key/value cache: it has no logits")
         return logits(self.graph_module, self.kv_layout, input_ids)
+
+    def run(self, batch: Any) -> Any:
+        """Run one calibration batch: token ids for a causal LM; for any other graph its
+        inputs, as a tuple (positional), a dict (keyword) or a single tensor."""
+        if self.kv_layout is not None:
+            return self.logits(batch)
+        args, kwargs = split_inputs(batch)
+        return self.graph_module(*args, **kwargs)
+
+
+def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A module's inputs as ``(args, kwargs)``: a tuple is positional, a dict is keyword,
+    anything else (a tensor) the one positional input."""
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    if isinstance(inputs, dict):
+        return (), inputs
+    return (inputs,), {}
 
 
 def capture(model: nn.Module) -> CapturedModel:
@@ -144,24 +182,82 @@ def capture(model: nn.Module) -> CapturedModel:
         raise UnsupportedGraphError(f"{type(model).__name__} has no linear layer (no 2-D weight): nothing to quantize")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
-        raise UnsupportedGraphError(f"{type(model).__name__} has no Hugging Face config: not a supported causal LM")
+        raise UnsupportedGraphError(
+            f"{type(model).__name__} has no Hugging Face config: not a supported causal LM "
+            "(pass example_inputs to compile any other module)"
+        )
     vocab_size, max_sequence_length = model_limits(model)
     kv_layout = KVCacheLayout.from_config(config)
     example_inputs, dynamic_shapes = cache_signature(kv_layout, int(vocab_size or 2))
     model.eval()
+    signature = GraphSignature(example_inputs, {}, dynamic_shapes)
+    graph_module = _export(_CausalLMWithCache(model), signature, model)
+    return _captured(graph_module, kv_layout, max_sequence_length, vocab_size, signature)
+
+
+def capture_graph(
+    model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, dynamic_shapes: Any = None
+) -> CapturedModel:
+    """Capture any module, exported program or graph module with its own inputs and outputs.
+
+    ``example_inputs`` is how the model is called (a tuple of positional inputs, a dict of
+    keyword inputs, or one tensor); ``dynamic_shapes`` as ``torch.export`` takes them
+    (default: every dimension ``Dim.AUTO``, dynamic unless the code fixes it). An exported
+    program's graph is taken as it is; a graph module is copied (its tensors are shared,
+    never edited).
+    """
+    args, kwargs = split_inputs(example_inputs)
+    if dynamic_shapes is None:
+        dynamic_shapes = auto_dynamic_shapes(args, kwargs)
+    signature = GraphSignature(args, kwargs, dynamic_shapes)
+    if isinstance(model, torch.export.ExportedProgram):
+        graph_module = model.module()
+    elif isinstance(model, fx.GraphModule):
+        graph_module = fx.GraphModule(model, copy.deepcopy(model.graph))
+    elif isinstance(model, nn.Module):
+        model.eval()
+        graph_module = _export(model, signature, model)
+    else:
+        raise UnsupportedGraphError(
+            f"cannot capture a {type(model).__name__}: pass an nn.Module, a torch.export.ExportedProgram "
+            "or a torch.fx.GraphModule"
+        )
+    return _captured(graph_module, None, None, None, signature)
+
+
+def auto_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``Dim.AUTO`` for every dimension of every tensor input, in the inputs' structure
+    (by name for keyword inputs)."""
+
+    def auto(value: Any) -> Any:
+        return {dim: Dim.AUTO for dim in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    if args and kwargs:
+        raise UnsupportedGraphError("give dynamic_shapes for inputs that mix positional and keyword arguments")
+    return pytree.tree_map(auto, kwargs if kwargs else args)
+
+
+def _export(module: nn.Module, signature: GraphSignature, model: nn.Module) -> fx.GraphModule:
+    """``torch.export`` (non-strict) of ``module``, unlifted; errors name ``model``."""
     try:
         with torch.no_grad():
             exported = torch.export.export(
-                _CausalLMWithCache(model),
-                example_inputs,
-                dynamic_shapes=dynamic_shapes,
-                strict=False,
+                module, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
             )
     except Exception as error:  # torch.export raises many unrelated types; name the cause
         raise UnsupportedGraphError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {error}"
         ) from error
-    graph_module = exported.module()
+    return exported.module()
+
+
+def _captured(
+    graph_module: fx.GraphModule,
+    kv_layout: KVCacheLayout | None,
+    max_sequence_length: int | None,
+    vocab_size: int | None,
+    signature: GraphSignature,
+) -> CapturedModel:
     # Imported here: the passes package imports this module.
     from fptq_compile.passes.canonicalize_linears import canonicalize_linears, unsupported_matmuls
 
@@ -171,7 +267,7 @@ def capture(model: nn.Module) -> CapturedModel:
         SkippedLayer(node.name, module_path_of(node), reason) for node, reason in unsupported_matmuls(graph_module)
     )
     linears = find_linear_sites(graph_module)
-    return CapturedModel(graph_module, linears, kv_layout, max_sequence_length, vocab_size, unsupported)
+    return CapturedModel(graph_module, linears, kv_layout, max_sequence_length, vocab_size, unsupported, signature)
 
 
 def model_limits(model: nn.Module) -> tuple[int | None, int | None]:

@@ -12,11 +12,12 @@ from typing import Any, Protocol
 import torch
 
 from fptq_compile.capture import KVCache, KVCacheLayout
+from fptq_compile.errors import UnsupportedGraphError
 
 
 class CachedCausalLM(Protocol):
     @property
-    def kv_layout(self) -> KVCacheLayout: ...
+    def kv_layout(self) -> KVCacheLayout | None: ...
 
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]: ...
 
@@ -35,6 +36,8 @@ def generate_ids(
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if model.kv_layout is None:
+        raise UnsupportedGraphError("generation needs a causal LM with a key/value cache")
     past = model.kv_layout.empty(1)
     step_ids = prompt_ids.reshape(1, -1)
     new_tokens: list[int] = []

@@ -14,18 +14,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fptq_compile.calibration import CalibrationSource, RandomTokens, calibration_token_ids, run_calibration
+from fptq_compile.calibration import CalibrationSource, RandomTokens, calibration_token_ids, input_batches, run_batches
 from fptq_compile.capture import (
     CapturedModel,
+    GraphSignature,
     KVCache,
     KVCacheLayout,
+    cache_signature,
     capture,
+    capture_graph,
     logits,
     model_limits,
     select_linears,
 )
 from fptq_compile.config import CompileConfig, WeightRounding
-from fptq_compile.errors import ConfigError
+from fptq_compile.errors import ConfigError, UnsupportedGraphError
 from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor
 from fptq_compile.models import LoadedModel
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
@@ -60,7 +63,7 @@ class CompileReport:
     seconds_per_step: dict[str, float]
     pass_reports: dict[str, dict[str, Any]]
     plan_summary: dict[str, Any]
-    calibration_tokens: int
+    calibration_tokens: int | None
     peak_rss_bytes: int
     linear_weight_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -77,23 +80,42 @@ class CompileReport:
 class CompiledModel:
     """The quantized graph (the numerical reference), its plan and the compile report.
 
-    The graph maps ``(input_ids, past) -> (logits, present)``, the cache a list of
-    ``(key, value)`` per layer shaped ``[batch, kv_heads, length, head_dim]``.
+    For a causal LM (``kv_layout`` set) the graph maps ``(input_ids, past) -> (logits,
+    present)``, the cache a list of ``(key, value)`` per layer shaped ``[batch, kv_heads,
+    length, head_dim]``. Any other graph keeps the inputs and outputs it was captured with
+    (``signature``).
     """
 
     graph_module: fx.GraphModule
     plan: QuantPlan
     report: CompileReport
-    kv_layout: KVCacheLayout
+    kv_layout: KVCacheLayout | None
     config: CompileConfig
+    signature: GraphSignature | None = None
+    """Example inputs and dynamic shapes, for re-exporting the graph (saving, ONNX)."""
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` for whole sequences ``input_ids [batch, seq]``."""
+    def __call__(self, *inputs: Any, **keyword_inputs: Any) -> Any:
+        """A causal LM: logits ``[batch, seq, vocab]`` for whole sequences ``input_ids [batch, seq]``.
+        Any other graph: its outputs for its inputs."""
         with torch.no_grad():
+            if self.kv_layout is None:
+                return self.graph_module(*inputs, **keyword_inputs)
+            (input_ids,) = inputs
             return logits(self.graph_module, self.kv_layout, input_ids)
 
+    def example_signature(self) -> GraphSignature:
+        """Example inputs and dynamic shapes to re-export the graph with (saving, ONNX)."""
+        if self.kv_layout is not None:
+            example_inputs, dynamic_shapes = cache_signature(self.kv_layout)
+            return GraphSignature(example_inputs, {}, dynamic_shapes)
+        if self.signature is None:
+            raise UnsupportedGraphError("this compiled graph records neither a key/value cache nor example inputs")
+        return self.signature
+
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """One cached step: logits of the new tokens and the cache extended by them."""
+        """One cached step (a causal LM): logits of the new tokens and the cache extended by them."""
+        if self.kv_layout is None:
+            raise UnsupportedGraphError("this compiled graph is not a causal LM with a key/value cache")
         with torch.no_grad():
             output: tuple[torch.Tensor, KVCache] = self.graph_module(input_ids, past_key_values)
             return output
@@ -110,18 +132,26 @@ class Analysis:
     plan: QuantPlan
     """Each group records its candidates' measured int8 SQNR (``candidate_sqnr_db``)."""
     stats: ActivationStats
-    calibration_tokens: int
+    calibration_tokens: int | None
+    """Tokens a causal LM was calibrated on; None for a graph calibrated on its own inputs."""
     seconds_per_step: dict[str, float]
 
 
 _ANALYSIS_STEPS = ("capture", "calibration", "measure_activation_error", "analyze_sensitivity")
 
 
+ModelInput = nn.Module | LoadedModel | torch.export.ExportedProgram
+"""What ``compile`` takes: a Hugging Face causal LM (or a :class:`LoadedModel`), any module
+with ``example_inputs``, an exported program or a graph module."""
+
+
 def analyze(
-    model: nn.Module | LoadedModel,
-    calibration: CalibrationSource,
+    model: ModelInput,
+    calibration: CalibrationSource | Sequence[Any],
     config: CompileConfig | None = None,
     *,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
     tokenizer: Any = None,
     num_samples: int = 32,
     seq_len: int = 512,
@@ -132,32 +162,75 @@ def analyze(
     Arguments as for :func:`compile`.
     """
     steps = StepProgress("analyze", _ANALYSIS_STEPS, progress)
-    analysis = _analyze(model, calibration, config or CompileConfig(), tokenizer, num_samples, seq_len, steps, False)
+    inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
+    analysis = _analyze(model, calibration, config or CompileConfig(), inputs, steps, False)
     steps.close()
     return analysis
 
 
-def _analyze(
-    model: nn.Module | LoadedModel,
-    calibration: CalibrationSource,
-    config: CompileConfig,
-    tokenizer: Any,
-    num_samples: int,
-    seq_len: int,
-    steps: StepProgress,
-    collect_hessians: bool,
-) -> Analysis:
+@dataclass(frozen=True)
+class _ModelInputs:
+    """How the model is fed: its own example inputs, or token ids drawn from text."""
+
+    example_inputs: Any
+    dynamic_shapes: Any
+    tokenizer: Any
+    num_samples: int
+    seq_len: int
+
+
+def _capture_and_batches(
+    model: ModelInput, calibration: Any, config: CompileConfig, inputs: _ModelInputs, steps: StepProgress
+) -> tuple[CapturedModel, list[Any], list[Any], int | None]:
+    """The captured graph, its calibration batches, the batches that measure candidate errors,
+    and the number of calibration tokens (a causal LM's)."""
     if isinstance(model, LoadedModel):
-        tokenizer = tokenizer or model.tokenizer
+        inputs = dataclasses.replace(inputs, tokenizer=inputs.tokenizer or model.tokenizer)
         model = model.model
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module or LoadedModel, got {type(model).__name__}")
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        raise ConfigError(
+            f"model must be a torch.nn.Module, LoadedModel or torch.export.ExportedProgram, got {type(model).__name__}"
+        )
+    if isinstance(model, torch.export.ExportedProgram) or _has_own_inputs(model, calibration, inputs.example_inputs):
+        # Any graph with its own inputs: calibration batches follow its signature.
+        batches = input_batches(calibration)
+        example = batches[0] if inputs.example_inputs is None else inputs.example_inputs
+        with steps.step("capture"):
+            captured = capture_graph(model, example, inputs.dynamic_shapes)
+        return captured, batches, batches[: config.error_samples], None
     # Calibration tokens first: a bad source fails before the slow capture.
     vocab_size, max_sequence_length = model_limits(model)
-    token_ids = calibration_token_ids(calibration, tokenizer, num_samples, seq_len, vocab_size, max_sequence_length)
+    token_ids = calibration_token_ids(
+        calibration, inputs.tokenizer, inputs.num_samples, inputs.seq_len, vocab_size, max_sequence_length
+    )
     with steps.step("capture"):
         # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
         captured = capture(model)
+    size = config.calibration_batch_size
+    error_batches = list(token_ids[: config.error_samples].split(size))
+    return captured, list(token_ids.split(size)), error_batches, int(token_ids.numel())
+
+
+def _has_own_inputs(model: nn.Module, calibration: Any, example_inputs: Any) -> bool:
+    """Whether the module is called with its own inputs rather than captured as a causal LM:
+    example inputs given, a graph module, or calibration batches of tensors, tuples or dicts."""
+    if example_inputs is not None or isinstance(model, fx.GraphModule):
+        return True
+    batches = isinstance(calibration, (list, tuple)) and bool(calibration)
+    return batches and all(isinstance(batch, (torch.Tensor, tuple, dict)) for batch in calibration)
+
+
+def _analyze(
+    model: ModelInput,
+    calibration: Any,
+    config: CompileConfig,
+    inputs: _ModelInputs,
+    steps: StepProgress,
+    collect_hessians: bool,
+) -> Analysis:
+    captured, batches, error_batches, calibration_tokens = _capture_and_batches(
+        model, calibration, config, inputs, steps
+    )
     graph_module = captured.graph_module
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
     linears, skipped = select_linears(captured.linears, config)
@@ -166,7 +239,7 @@ def _analyze(
         # Temporary observers measure per-channel max|X| of each linear input (and its
         # Hessian for GPTQ), then leave.
         insert_observers(graph_module, linears, collect_hessians)
-        run_calibration(captured.logits, token_ids, config.calibration_batch_size, steps.enabled)
+        run_batches(captured.run, batches, steps.enabled)
         stats = read_activation_stats(graph_module)
         remove_observers(graph_module)
     with steps.step("measure_activation_error"):
@@ -174,31 +247,43 @@ def _analyze(
         errors = None
         if config.error_samples:
             insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
-            run_calibration(captured.logits, token_ids[: config.error_samples], config.calibration_batch_size, False)
+            run_batches(captured.run, error_batches, False)
             errors = read_activation_errors(graph_module)
             remove_error_probes(graph_module)
     with steps.step("analyze_sensitivity"):
         # The policy per activation group: static / LAE + static / per-token dynamic.
         plan = analyze_sensitivity(graph_module, linears, skipped, stats, config, errors)
-    return Analysis(captured, plan, stats, int(token_ids.numel()), steps.seconds)
+    return Analysis(captured, plan, stats, calibration_tokens, steps.seconds)
 
 
 def compile(
-    model: nn.Module | LoadedModel,
-    calibration: CalibrationSource,
+    model: ModelInput,
+    calibration: CalibrationSource | Sequence[Any],
     config: CompileConfig | None = None,
     *,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
     passes: Sequence[Pass] = DEFAULT_PASSES,
     tokenizer: Any = None,
     num_samples: int = 32,
     seq_len: int = 512,
     progress: bool = True,
 ) -> CompiledModel:
-    """Quantize a Hugging Face causal LM to W4A8 with FPTQ.
+    """Quantize a model to W4A8 with FPTQ.
 
-    ``calibration`` is token ids ``[n, seq]`` or a source from
+    A Hugging Face causal LM (or a :class:`LoadedModel`) is captured with its key/value
+    cache; ``calibration`` is token ids ``[n, seq]`` or a source from
     :mod:`fptq_compile.calibration` (text needs ``tokenizer``, or a :class:`LoadedModel`);
-    ``num_samples`` windows of ``seq_len`` tokens are drawn from text. ``passes`` are the
+    ``num_samples`` windows of ``seq_len`` tokens are drawn from text.
+
+    Any other ``nn.Module`` (given ``example_inputs``), a ``torch.export.ExportedProgram``
+    or a ``torch.fx.GraphModule`` from one keeps its own signature: ``calibration`` is a list
+    of batches, each a tensor, a tuple of positional inputs or a dict of keyword inputs (such
+    a list alone also selects this path, e.g. for an encoder);
+    ``example_inputs`` defaults to the first batch and ``dynamic_shapes`` (as
+    ``torch.export`` takes them) to every dimension ``Dim.AUTO``.
+
+    ``passes`` are the
     transforms run on the graph after planning; pass your own list to add or drop one.
     With ``weights.rounding = gptq`` (the default), :func:`gptq_weights` runs right before
     :func:`insert_w4a8_qdq` on the Hessians calibration collected (a list without
@@ -217,7 +302,8 @@ def compile(
     step_names = (*_ANALYSIS_STEPS, *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
     steps = StepProgress("compile", step_names, progress)
     # Capture, calibrate, plan: what happens to every linear, decided before any edit.
-    analysis = _analyze(model, calibration, config, tokenizer, num_samples, seq_len, steps, uses_gptq)
+    inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
+    analysis = _analyze(model, calibration, config, inputs, steps, uses_gptq)
     graph_module, plan = analysis.captured.graph_module, analysis.plan
     bytes_before = _linear_weight_bytes(graph_module, plan)
     pass_reports: dict[str, dict[str, Any]] = {}
@@ -238,7 +324,8 @@ def compile(
         peak_rss_bytes=peak_rss_bytes(),
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
     )
-    return CompiledModel(graph_module, plan, report, analysis.captured.kv_layout, config)
+    captured = analysis.captured
+    return CompiledModel(graph_module, plan, report, captured.kv_layout, config, captured.signature)
 
 
 def _with_gptq(passes: Sequence[Pass], stats: ActivationStats, config: CompileConfig) -> tuple[Pass, ...]:

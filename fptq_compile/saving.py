@@ -6,6 +6,7 @@ A saved compiled model is a set of files in a folder:
   it, the KV-cache layout, which tensors are packed int4 and which names alias another;
 - ``program.json``: the compiled graph as a serialized ``torch.export`` program without
   its tensors (structure, dtypes and shapes: a few hundred kB);
+- ``example_inputs.bin`` (a graph with its own inputs, not a causal LM): its example inputs;
 - ``weights.safetensors``: every tensor the graph reads, once each (tied weights are
   stored once), the int4 weight codes packed two per byte;
 - ``plan.json``, ``compile_config.json``, ``compile_report.json``.
@@ -29,7 +30,7 @@ from torch import fx, nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
 
 import fptq_compile.ops as fptq_ops  # noqa: F401  (the program calls torch.ops.fptq.*)
-from fptq_compile.capture import KVCacheLayout, cache_signature
+from fptq_compile.capture import GraphSignature, KVCacheLayout, auto_dynamic_shapes
 from fptq_compile.config import config_from_dict, config_to_dict
 from fptq_compile.errors import ExportError, ModelLoadError
 from fptq_compile.pipeline import CompiledModel, CompileReport
@@ -42,6 +43,8 @@ MANIFEST_FILE = "fptq_manifest.json"
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
 COMPILE_REPORT_FILE = "compile_report.json"
+EXAMPLE_INPUTS_FILE = "example_inputs.bin"
+"""A graph with its own inputs (not a causal LM): its serialized example inputs."""
 
 
 def is_saved_compiled(directory: str | os.PathLike[str]) -> bool:
@@ -59,16 +62,22 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
 
     folder = Path(directory)
     graph_module = compiled.graph_module
-    example_inputs, dynamic_shapes = cache_signature(compiled.kv_layout)
+    signature = compiled.example_signature()
+    # A causal LM's example inputs follow from its cache layout; any other graph keeps its own.
+    own_inputs = compiled.kv_layout is None
     try:
         with torch.no_grad():  # the program shares the graph module's tensors: nothing is copied
-            program = torch.export.export(graph_module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.export.export(
+                graph_module, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
+            )
         structure = serialize(
-            program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False
+            program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=own_inputs
         )
     except Exception as error:  # torch.export/serialization raise many types: name the step
         raise ExportError(f"could not save the compiled graph: {type(error).__name__}: {error}") from error
     (folder / PROGRAM_FILE).write_bytes(structure.exported_program)
+    if own_inputs:
+        (folder / EXAMPLE_INPUTS_FILE).write_bytes(structure.example_inputs)
     program_tensors = {**program.state_dict, **program.constants}
     int4_codes = {str(node.args[0].target) for node in graph_module.graph.nodes if _is_int4_dequantize(node)}
     tensors: dict[str, torch.Tensor] = {}
@@ -90,7 +99,7 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
         "format_version": SAVED_FORMAT_VERSION,
         "fptq_version": __version__,
         "torch_version": torch.__version__,
-        "kv_layout": vars(compiled.kv_layout),
+        "kv_layout": None if compiled.kv_layout is None else vars(compiled.kv_layout),
         "int4_packed": {name: int(program_tensors[name].shape[-1]) for name in sorted(int4_codes)},
         "aliases": aliases,
         "parameters": sorted(name for name, value in program.state_dict.items() if isinstance(value, nn.Parameter)),
@@ -108,6 +117,8 @@ def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
     manifest = _read_manifest(folder)
     try:
         structure = (folder / PROGRAM_FILE).read_bytes()
+        kv_layout = None if manifest["kv_layout"] is None else KVCacheLayout(**manifest["kv_layout"])
+        example_inputs = b"" if kv_layout is not None else (folder / EXAMPLE_INPUTS_FILE).read_bytes()
         stored = load_file(str(folder / WEIGHTS_FILE))
         plan = QuantPlan.from_json((folder / "plan.json").read_text(encoding="utf-8"))
         config = config_from_dict(json.loads((folder / "compile_config.json").read_text(encoding="utf-8")))
@@ -127,13 +138,18 @@ def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
     try:
         # deserialize takes the tensors themselves where its annotation says their bytes.
         constant_tensors = {name: stored[name] for name in constants}
-        program = deserialize(SerializedArtifact(structure, state_dict, constant_tensors, b""))  # type: ignore[arg-type]
+        artifact = SerializedArtifact(structure, state_dict, constant_tensors, example_inputs)  # type: ignore[arg-type]
+        program = deserialize(artifact)
     except Exception as error:  # a program from another torch, or tensors that do not fit it
         raise ModelLoadError(
             f"cannot rebuild the compiled graph in {folder} (saved with torch {manifest.get('torch_version')}, "
             f"running torch {torch.__version__}): {type(error).__name__}: {error}"
         ) from error
-    return CompiledModel(program.module(), plan, report, KVCacheLayout(**manifest["kv_layout"]), config)
+    signature = None
+    if kv_layout is None and program.example_inputs is not None:
+        args, kwargs = program.example_inputs
+        signature = GraphSignature(tuple(args), dict(kwargs), auto_dynamic_shapes(tuple(args), dict(kwargs)))
+    return CompiledModel(program.module(), plan, report, kv_layout, config, signature)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_qdq import OnnxExport, OnnxLayout, export_onnx
 from fptq_compile.io import atomic_directory
 from fptq_compile.pipeline import CompiledModel
@@ -78,6 +79,10 @@ def genai_config(compiled: CompiledModel, model_config: Any) -> dict[str, Any]:
     (int8 activations inside the op), so its numbers are ``OrtCausalLM.load(exact=False)``'s.
     """
     kv = compiled.kv_layout
+    if kv is None:
+        raise ExportError(
+            "genai_config.json describes a causal LM's decoder: this compiled graph has no key/value cache"
+        )
 
     def token_id(name: str) -> int:
         value = getattr(model_config, name, None)

@@ -13,9 +13,10 @@ Two layouts with the same numbers (:class:`OnnxLayout`): ``QDQ`` keeps the weigh
 ``[N, K]`` as torch does (DQ -> Transpose -> MatMul); ``ORT`` stores them ``[K, N]``
 (DQ -> MatMul), which ONNX Runtime CPU fuses into ``MatMulNBits``.
 
-Inputs ``input_ids``, ``past_key_values.{i}.key|value``; outputs ``logits``,
-``present.{i}.key|value`` (``[batch, kv_heads, length, head_dim]``), the names
-onnxruntime-genai and optimum use.
+A causal LM's inputs are ``input_ids``, ``past_key_values.{i}.key|value``; its outputs
+``logits``, ``present.{i}.key|value`` (``[batch, kv_heads, length, head_dim]``), the names
+onnxruntime-genai and optimum use. Any other graph keeps the inputs it was captured with
+(named as ``torch.onnx.export`` names them).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from fptq_compile.capture import KVCacheLayout, cache_signature
+from fptq_compile.capture import KVCacheLayout
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
 from fptq_compile.exporters.onnx_rewrites import (
@@ -86,19 +87,21 @@ def export_onnx(
     destination = Path(path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     kv_layout = compiled.kv_layout
-    example, dynamic_shapes = cache_signature(kv_layout)
-    input_names, output_names = io_names(kv_layout)
+    signature = compiled.example_signature()
+    # A causal LM's inputs and outputs get the names runtimes expect; any other graph keeps its own.
+    input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
     try:
         with warnings.catch_warnings():
             # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             program = torch.onnx.export(
                 compiled.graph_module,
-                example,
+                signature.args,
+                kwargs=signature.kwargs or None,
                 dynamo=True,
                 opset_version=OPSET,
                 custom_translation_table=TRANSLATION_TABLE,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=signature.dynamic_shapes,
                 input_names=input_names,
                 output_names=output_names,
                 optimize=True,
@@ -117,7 +120,8 @@ def export_onnx(
     packed = pack_int4_weights(model)  # by tensor name, so before merging renames them
     if layout is OnnxLayout.ORT:
         merged = merge_parallel_matmuls(model)
-        fusions = fuse_for_onnx_runtime(model, kv_layout.num_layers)
+        if kv_layout is not None:  # attention and norm fusions of a causal LM's decoder layers
+            fusions = fuse_for_onnx_runtime(model, kv_layout.num_layers)
     _save_checked(model, destination)
     return OnnxExport(destination, layout, packed, k_major, _file_bytes(destination), merged, fusions)
 

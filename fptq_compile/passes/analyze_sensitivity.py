@@ -368,6 +368,8 @@ def _attention_value_source(node: fx.Node) -> tuple[fx.Node, int, int] | str:
     size and the query heads per key/value head; else why not."""
     aten = torch.ops.aten
     transpose = node.args[0]
+    while _is_call(transpose, aten.contiguous.default, aten.clone.default):  # Phi-3 copies before merging heads
+        transpose = transpose.args[0]
     if not (_is_call(transpose, aten.transpose.int) and set(transpose.args[1:3]) == {1, 2}):
         return f"its input {node.name} is a reshape, but not of an attention output"
     attention = transpose.args[0]
