@@ -37,13 +37,20 @@ class KVCacheLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    sliding_window: int | None = None
+    """Positions a sliding-window layer attends to, when the model has such layers. The
+    cache still keeps every position (the attention mask applies the window)."""
 
     @classmethod
     def from_config(cls, config: Any) -> KVCacheLayout:
         heads = int(config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim))
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and "sliding_attention" not in layer_types:
+            window = None
+        return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim), int(window) if window else None)
 
     def empty(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A cache holding no position yet: ``[batch, kv_heads, 0, head_dim]`` per layer."""

@@ -243,3 +243,32 @@ def test_int8_weight_only_lm_head_runs_as_8_bit_matmul(tmp_path):
     reference = compiled(ids)
     relative = float((OrtCausalLM.load(result.path)(ids) - reference).abs().max() / reference.abs().max())
     assert relative < 1e-3
+
+
+def test_a_fusion_that_changes_the_logits_is_refused_and_the_unfused_graph_exported(tmp_path):
+    import transformers
+
+    # Gemma-2's attention (its own scale and logit soft-capping) does not match the pattern
+    # onnxscript fuses into GroupQueryAttention: the fused graph computes other logits.
+    config = transformers.Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=["full_attention"] * 2,  # no sliding window: the check decides, not the window rule
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    weights = fptq.WeightConfig(group_size=32, rounding=fptq.WeightRounding.NEAREST)
+    compiled = fptq.compile(model, torch.randint(0, 128, (2, 16)), fptq.CompileConfig(weights=weights), progress=False)
+    with pytest.warns(UserWarning, match="fusions not applied: the fused graph's prefill logits differ"):
+        export = export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.ORT)
+    assert export.fusions is not None and export.fusions.attention == 0
+    assert "GroupQueryAttention" not in _op_counts(onnx.load(export.path))
+    session = OrtCausalLM.load(export.path, exact=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(9))
+    reference = compiled(ids)
+    assert float((session(ids) - reference).abs().max() / reference.abs().max()) < 1e-3

@@ -38,6 +38,8 @@ class OrtFusions:
     attention: int
     skip_rms_norm: int
     rms_norm_restored: int
+    unfused_reason: str = ""
+    """Why the export kept the unfused graph instead (the counts are then 0)."""
 
 
 def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
