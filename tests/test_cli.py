@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -233,13 +234,21 @@ def test_a_failure_mid_export_leaves_no_folder(workspace, tmp_path, capsys, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_installed_command_shows_help_and_errors_without_traceback(tmp_path):
+@pytest.mark.parametrize("command", [[], ["compile"], ["inspect"], ["eval"], ["generate"], ["export"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("usage: fptq")
+
+
+def test_the_installed_command_errors_without_traceback(tmp_path):
+    installed = shutil.which("fptq", path=os.path.dirname(sys.executable))
+    assert installed is not None, "the fptq console script is not installed next to this Python"
+    shown = subprocess.run([installed, "--help"], capture_output=True, text=True, check=True)
+    assert shown.stdout.startswith("usage: fptq")
     fptq = [sys.executable, "-m", "fptq_compile.cli"]
-    for command in ([], ["compile"], ["inspect"], ["eval"], ["generate"], ["export"]):
-        shown = subprocess.run([*fptq, *command, "--help"], capture_output=True, text=True, check=True)
-        assert shown.stdout.startswith("usage: fptq")
     failed = subprocess.run(
-        [*fptq, "compile", str(tmp_path / "nothing"), "--quiet"], capture_output=True, text=True, cwd=tmp_path
+        [installed, "compile", str(tmp_path / "nothing"), "--quiet"], capture_output=True, text=True, cwd=tmp_path
     )
     assert failed.returncode == 2
     assert failed.stderr.strip().endswith("does not exist") and "Traceback" not in failed.stderr
