@@ -35,7 +35,8 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 PAPER_ROW = "w4a8_fptq_paper"
-"""The paper's method as published: its policy with round-to-nearest weights, whatever --rounding says."""
+"""The paper's method as published: its policy with round-to-nearest, unclipped weights, whatever --rounding
+and --clip say."""
 ROWS = {
     "float": None,
     "w4a8_all_static": "all_static",
@@ -82,7 +83,7 @@ def run_row(
             weights=fptq.WeightConfig(
                 group_size=group_size,
                 symmetric=symmetric,
-                clip_ratios=CLIP_RATIOS * clip,
+                clip_ratios=CLIP_RATIOS * (clip and name != PAPER_ROW),
                 rounding=fptq.WeightRounding(rounding),
             ),
             activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
