@@ -150,6 +150,11 @@ class CompileConfig:
     calibration_batch_size: int = 4
     error_samples: int = 4
     """Calibration sequences on which the report measures each group's int8 error (0: skip)."""
+    calibrate_by_block: bool = False
+    """Calibrate a causal LM's decoder blocks one after another (one block's activations in
+    flight), with one captured block graph rebound to each block: the same statistics, errors
+    and plan as whole-model calibration. Groundwork for compiling models bigger than memory;
+    the model is still loaded and captured whole."""
 
     def __post_init__(self) -> None:
         for name in ("include", "ignore", "int8_weight_only"):

@@ -50,6 +50,7 @@ from fptq_compile.passes.measure_activation_error import (
 from fptq_compile.passes.quantize_kv_cache import quantize_kv_cache
 from fptq_compile.plan import QuantPlan
 from fptq_compile.progress import StepProgress
+from fptq_compile.sequential import calibrate_by_block
 
 DEFAULT_PASSES: tuple[Pass, ...] = (fold_log_equalization, insert_w4a8_qdq, quantize_kv_cache)
 """The transforms FPTQ applies once the plan is made, in order (GPTQ is added before
@@ -137,7 +138,12 @@ class Analysis:
     seconds_per_step: dict[str, float]
 
 
-_ANALYSIS_STEPS = ("capture", "calibration", "measure_activation_error", "analyze_sensitivity")
+def _analysis_steps(config: CompileConfig) -> tuple[str, ...]:
+    """The steps of capture, calibration and planning (block by block, one calibration step
+    measures the errors too)."""
+    if config.calibrate_by_block:
+        return ("capture", "calibration", "analyze_sensitivity")
+    return ("capture", "calibration", "measure_activation_error", "analyze_sensitivity")
 
 
 ModelInput = nn.Module | LoadedModel | torch.export.ExportedProgram
@@ -161,9 +167,10 @@ def analyze(
 
     Arguments as for :func:`compile`.
     """
-    steps = StepProgress("analyze", _ANALYSIS_STEPS, progress)
+    config = config or CompileConfig()
+    steps = StepProgress("analyze", _analysis_steps(config), progress)
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
-    analysis = _analyze(model, calibration, config or CompileConfig(), inputs, steps, False)
+    analysis = _analyze(model, calibration, config, inputs, steps, False)
     steps.close()
     return analysis
 
@@ -235,21 +242,32 @@ def _analyze(
     # Decoder linears are quantized; lm_head, embeddings and ignored layers stay float.
     linears, skipped = select_linears(captured.linears, config)
     skipped = (*skipped, *captured.unsupported)
-    with steps.step("calibration"):
-        # Temporary observers measure per-channel max|X| of each linear input (and its
-        # Hessian for GPTQ), then leave.
-        insert_observers(graph_module, linears, collect_hessians)
-        run_batches(captured.run, batches, steps.enabled)
-        stats = read_activation_stats(graph_module)
-        remove_observers(graph_module)
-    with steps.step("measure_activation_error"):
-        # Temporary probes measure every candidate's int8 error on a few calibration sequences.
-        errors = None
-        if config.error_samples:
-            insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
-            run_batches(captured.run, error_batches, False)
-            errors = read_activation_errors(graph_module)
-            remove_error_probes(graph_module)
+    errors = None
+    if config.calibrate_by_block:
+        causal_lm = model.model if isinstance(model, LoadedModel) else model
+        if captured.kv_layout is None or not isinstance(causal_lm, nn.Module):
+            raise ConfigError("calibrate_by_block calibrates a Hugging Face causal LM's decoder blocks")
+        with steps.step("calibration"):
+            # The observers and error probes below, on one block graph at a time.
+            error_inputs = error_batches if config.error_samples else []
+            stats, errors = calibrate_by_block(
+                causal_lm, linears, batches, error_inputs, config, collect_hessians, steps.enabled
+            )
+    else:
+        with steps.step("calibration"):
+            # Temporary observers measure per-channel max|X| of each linear input (and its
+            # Hessian for GPTQ), then leave.
+            insert_observers(graph_module, linears, collect_hessians)
+            run_batches(captured.run, batches, steps.enabled)
+            stats = read_activation_stats(graph_module)
+            remove_observers(graph_module)
+        with steps.step("measure_activation_error"):
+            # Temporary probes measure every candidate's int8 error on a few calibration sequences.
+            if config.error_samples:
+                insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
+                run_batches(captured.run, error_batches, False)
+                errors = read_activation_errors(graph_module)
+                remove_error_probes(graph_module)
     with steps.step("analyze_sensitivity"):
         # The policy per activation group: static / LAE + static / per-token dynamic.
         plan = analyze_sensitivity(graph_module, linears, skipped, stats, config, errors)
@@ -299,7 +317,7 @@ def compile(
             UserWarning,
             stacklevel=2,
         )
-    step_names = (*_ANALYSIS_STEPS, *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
+    step_names = (*_analysis_steps(config), *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
     steps = StepProgress("compile", step_names, progress)
     # Capture, calibrate, plan: what happens to every linear, decided before any edit.
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
