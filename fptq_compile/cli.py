@@ -165,6 +165,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-int8", action="store_true", help="keys and values enter the cache as int8 per token and head"
     )
+    parser.add_argument(
+        "--by-block", action="store_true", help="calibrate the decoder blocks one after another (same plan)"
+    )
     parser.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module-path patterns kept float")
     parser.add_argument(
         "--int8-weight-only",
@@ -211,6 +214,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
         put("activations", "dynamic_threshold", args.thresholds[1])
     put("activations", "use_lae", False if args.no_lae else None)
     put(None, "kv_cache_int8", True if args.kv_int8 else None)
+    put(None, "calibrate_by_block", True if args.by_block else None)
     put(None, "ignore", args.ignore)
     put(None, "int8_weight_only", args.int8_weight_only)
     put("export", "layout", getattr(args, "layout", None))

@@ -130,6 +130,15 @@ def test_inspect_prints_a_table_without_quantizing(workspace, capsys):
     assert "linears per activation class" in printed
 
 
+def test_by_block_calibration_plans_what_whole_model_calibration_plans(workspace):
+    plans = []
+    for options in ([], ["--by-block"]):
+        code, result = _run_json("inspect", str(workspace / "model"), *SMALL, *options)
+        assert code == 0
+        plans.append([(g["input_node"], g["activation"]["kind"], g["fold"]) for g in result["plan"]["groups"]])
+    assert plans[0] == plans[1]
+
+
 @pytest.mark.parametrize(
     ("options", "gptq"),
     [
