@@ -3,8 +3,9 @@
 Rows: float, naive W4A8 (every activation per-tensor static), W4A8 with every activation
 per-token dynamic, FPTQ W4A8 with the paper's thresholds, W4A16 (weights only) and the
 error-driven W4A8 policy (the default), all with the same int4 weights: asymmetric (the
-default) unless ``--symmetric``, GPTQ (the default) unless ``--rounding nearest``; and
-the paper's method as published (``w4a8_fptq_paper``: its policy, round-to-nearest weights),
+default) unless ``--symmetric``, GPTQ (the default) unless ``--rounding nearest``,
+MSE-searched clipping (the default) unless ``--no-clip``; and the paper's method as
+published (``w4a8_fptq_paper``: its policy, round-to-nearest unclipped weights),
 whose compile time the default's is compared with.
 Each row runs in its own process, so its peak RSS is its own (model loading included;
 the RSS right after loading is reported beside it). The paper-method row also times a plain
@@ -15,7 +16,7 @@ Protocol: DESIGN.md §6 (quick mode: the first 40 WikiText-2 test windows of 512
 calibration: 32 windows of 512 tokens from the tokenized WikiText-2 validation text,
 seed 0). Prints a table and writes JSON (default benchmarks/results/quality.json).
 
-    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--clip]
+    python benchmarks/quality.py [--windows 40] [--group-size 128] [--symmetric] [--no-clip]
                                  [--rounding gptq|nearest] [--kv-int8] [--random-calibration]
                                  [--tasks] [--rows ...] [--json PATH]
 
@@ -33,10 +34,9 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 PAPER_ROW = "w4a8_fptq_paper"
 """The paper's method as published: its policy with round-to-nearest, unclipped weights, whatever --rounding
-and --clip say."""
+says."""
 ROWS = {
     "float": None,
     "w4a8_all_static": "all_static",
@@ -83,7 +83,7 @@ def run_row(
             weights=fptq.WeightConfig(
                 group_size=group_size,
                 symmetric=symmetric,
-                clip_ratios=CLIP_RATIOS * (clip and name != PAPER_ROW),
+                **({} if clip and name != PAPER_ROW else {"clip_ratios": ()}),
                 rounding=fptq.WeightRounding(rounding),
             ),
             activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy(policy)),
@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
-    parser.add_argument("--clip", action="store_true", help=f"MSE-searched weight clipping over {CLIP_RATIOS}")
+    parser.add_argument(
+        "--no-clip", action="store_true", help="no MSE-searched weight clipping (the default searches clip ratios)"
+    )
     parser.add_argument(
         "--rounding", choices=["gptq", "nearest"], default="gptq", help="int4 rounding of every row (default gptq)"
     )
@@ -160,7 +162,7 @@ def main() -> None:
     if args.row:
         settings = (
             args.symmetric,
-            args.clip,
+            not args.no_clip,
             args.rounding,
             args.kv_int8,
             args.random_calibration,
@@ -176,7 +178,7 @@ def main() -> None:
         command += ["--group-size", str(args.group_size), "--lambada-limit", str(args.lambada_limit)]
         command += (
             ["--symmetric"] * args.symmetric
-            + ["--clip"] * args.clip
+            + ["--no-clip"] * args.no_clip
             + ["--rounding", args.rounding]
             + ["--kv-int8"] * args.kv_int8
             + ["--random-calibration"] * args.random_calibration
@@ -186,7 +188,7 @@ def main() -> None:
         row = json.loads(output.strip().splitlines()[-1])
         rows.append(row)
         print(_line(row), flush=True)
-    summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": args.clip}
+    summary: dict = {"group_size": args.group_size, "symmetric": args.symmetric, "clip": not args.no_clip}
     summary["rounding"], summary["kv_int8"] = args.rounding, args.kv_int8
     summary["random_calibration"] = args.random_calibration
     summary["windows"] = args.windows

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from fptq_compile.capture import LinearSite, auto_dynamic_shapes, find_linear_sites
+from fptq_compile.capture import LinearSite, find_linear_sites
 from fptq_compile.errors import UnsupportedGraphError
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
@@ -179,7 +180,8 @@ def _set_attr(module: nn.Module, target: str, tensor: torch.Tensor) -> None:
 
 
 def capture_block(blocks: DecoderBlocks, call: BlockCall) -> BlockGraph:
-    """``torch.export`` of block 0 as called by the model (``call``), every input dimension dynamic."""
+    """``torch.export`` of block 0 as called by the model (``call``), every input dimension
+    longer than 1 dynamic (a dimension of 1, as position embeddings' batch, stays 1)."""
     args, kwargs = call
     tensor_kwargs = {key: value for key, value in kwargs.items() if _holds_tensor(value)}
     constant_kwargs = {key: value for key, value in kwargs.items() if key not in tensor_kwargs}
@@ -187,9 +189,7 @@ def capture_block(blocks: DecoderBlocks, call: BlockCall) -> BlockGraph:
     inputs = {**dict(zip(_POSITIONAL, args, strict=False)), **tensor_kwargs}
     try:
         with torch.no_grad():
-            exported = torch.export.export(
-                module, (inputs,), dynamic_shapes=auto_dynamic_shapes((inputs,), {}), strict=False
-            )
+            exported = torch.export.export(module, (inputs,), dynamic_shapes=(_dynamic_shapes(inputs),), strict=False)
     except Exception as error:  # torch.export raises many unrelated types; name the cause
         raise UnsupportedGraphError(
             f"torch.export could not capture block {blocks.block_path(0)} "
@@ -218,6 +218,15 @@ class _WithConstants(nn.Module):
         args = [inputs[name] for name in _POSITIONAL if name in inputs]
         keyword = {name: value for name, value in inputs.items() if name not in _POSITIONAL}
         return getattr(self, _BLOCK)(*args, **keyword, **self.constants)
+
+
+def _dynamic_shapes(inputs: Any) -> Any:
+    def dims(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return None
+        return {dim: Dim.AUTO for dim in range(value.dim()) if value.shape[dim] > 1}
+
+    return pytree.tree_map(dims, inputs)
 
 
 def _holds_tensor(value: Any) -> bool:

@@ -71,8 +71,10 @@ class WeightConfig:
     group_size: int = 128
     symmetric: bool = False
     """False (default): asymmetric groups with an int4 zero point; True: ``absmax / 7.5``."""
-    clip_ratios: tuple[float, ...] = ()
-    """Also try each group's range shrunk to these fractions; keep the smallest-error one."""
+    clip_ratios: tuple[float, ...] = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    """Also try each group's range shrunk to these fractions and keep the one with the
+    smallest weight error (MSE-searched clipping; ``()``: the full range only). On SmolLM2 at
+    g128 with GPTQ it measured 34.40 PPL against 35.10 unclipped."""
     rounding: WeightRounding = WeightRounding.GPTQ
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     """GPTQ's settings (used with ``rounding = gptq``)."""

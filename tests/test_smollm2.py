@@ -104,7 +104,7 @@ def test_default_w4a8_perplexity(fptq_compiled, fptq_perplexity):
 def test_paper_policy_w4a8_perplexity(smollm2, eval_ids):
     lines = WIKITEXT_VALID_TOKENS.read_text(encoding="utf-8").splitlines()
     config = fptq.CompileConfig(
-        weights=fptq.WeightConfig(symmetric=True, rounding=fptq.WeightRounding.NEAREST),
+        weights=fptq.WeightConfig(symmetric=True, clip_ratios=(), rounding=fptq.WeightRounding.NEAREST),
         activations=fptq.ActivationConfig(policy=fptq.ActivationPolicy.FPTQ),
     )
     compiled = fptq.compile(smollm2, fptq.Texts(tuple(lines), separator=" "), config, progress=False)
