@@ -189,8 +189,10 @@ def test_every_parameter_matmul_is_quantized_or_skipped_and_onnx_matches(family,
             warnings.simplefilter("ignore")  # fusions that do not apply are reported below
             export = export_onnx(compiled, tmp_path / f"{layout.value}.onnx", layout)
         session = OrtCausalLM.load(export.path, exact=True)
-        # Measured ~1e-6; an int8 rounding flip on a random model can move a logit by ~1e-3.
-        assert _relative(session(ids), compiled(ids)) < 1e-3
+        # Mostly ~1e-6; an int8 rounding flip (ORT and torch differ in a value's last float bit
+        # at a rounding boundary) moves a logit by ~1e-3 (Qwen2 measured 2.2e-3 once the
+        # weights were clipped); a wrong lowering by far more.
+        assert _relative(session(ids), compiled(ids)) < 5e-3
     # The ort layout fuses attention only where the fused graph was checked to compute the same.
     assert export.fusions is not None
     assert export.fusions.attention == (2 if family in ORT_ATTENTION_FUSED else 0)
