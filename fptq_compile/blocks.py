@@ -182,11 +182,9 @@ def _set_attr(module: nn.Module, target: str, tensor: torch.Tensor) -> None:
 def capture_block(blocks: DecoderBlocks, call: BlockCall) -> BlockGraph:
     """``torch.export`` of block 0 as called by the model (``call``), every input dimension
     longer than 1 dynamic (a dimension of 1, as position embeddings' batch, stays 1)."""
-    args, kwargs = call
-    tensor_kwargs = {key: value for key, value in kwargs.items() if _holds_tensor(value)}
-    constant_kwargs = {key: value for key, value in kwargs.items() if key not in tensor_kwargs}
-    module = _WithConstants(blocks.layers[0], constant_kwargs)
-    inputs = {**dict(zip(_POSITIONAL, args, strict=False)), **tensor_kwargs}
+    inputs = _tensor_inputs(call, call[0][0])
+    constants = {key: value for key, value in call[1].items() if key not in inputs}
+    module = _WithConstants(blocks.layers[0], constants)
     try:
         with torch.no_grad():
             exported = torch.export.export(module, (inputs,), dynamic_shapes=(_dynamic_shapes(inputs),), strict=False)
@@ -243,7 +241,12 @@ def block_output(output: Any) -> torch.Tensor:
 
 def run_block(graph_module: fx.GraphModule, call: BlockCall, hidden_states: torch.Tensor) -> torch.Tensor:
     """Run a bound block graph on ``hidden_states`` with the rest of ``call``'s inputs."""
+    return block_output(graph_module(_tensor_inputs(call, hidden_states)))
+
+
+def _tensor_inputs(call: BlockCall, hidden_states: torch.Tensor) -> dict[str, Any]:
+    """The one dict a captured block takes: ``call``'s positional inputs by their
+    ``_POSITIONAL`` names (``hidden_states`` first) and its keyword inputs holding tensors."""
     args, kwargs = call
     tensor_kwargs = {key: value for key, value in kwargs.items() if _holds_tensor(value)}
-    inputs = {**dict(zip(_POSITIONAL, (hidden_states, *args[1:]), strict=False)), **tensor_kwargs}
-    return block_output(graph_module(inputs))
+    return {**dict(zip(_POSITIONAL, (hidden_states, *args[1:]), strict=False)), **tensor_kwargs}

@@ -63,8 +63,9 @@ def calibrate_by_block(
     for index, layer in enumerate(tqdm(blocks.layers, desc="blocks", unit="block", disable=not progress)):
         bound = graph.bind(layer)
         # The block's linears that the whole graph quantizes, and their whole-graph sites.
-        sites = [site for site in graph.linears if graph.module_path(blocks, index, site) in by_path]
-        whole = {site.node: by_path[graph.module_path(blocks, index, site)] for site in sites}
+        paths = {site.node: graph.module_path(blocks, index, site) for site in graph.linears}
+        sites = [site for site in graph.linears if paths[site.node] in by_path]
+        whole = {site.node: by_path[paths[site.node]] for site in sites}
         covered.update(site.module_path for site in whole.values())
         insert_observers(bound, sites, collect_hessians)
         hidden = _run(bound, calls, hidden)
