@@ -11,6 +11,16 @@ from fptq_compile.capture import CapturedModel, capture
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+TINY_SIZES = {"vocab_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 256}
+TINY_DECODER = {
+    **TINY_SIZES,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""Config sizes of the tiny random decoders the tests build from Hugging Face configs."""
+
 
 def tiny_llama(seed: int = 0, tie: bool = True, intermediate: int = 96, layers: int = 2) -> LlamaForCausalLM:
     """A 2-layer, hidden-64 Llama with random weights (and non-trivial norm weights)."""

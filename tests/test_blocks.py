@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_DECODER, tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.blocks import (
@@ -57,17 +57,7 @@ def test_one_captured_block_rebound_to_each_block_reproduces_the_model(token_ids
 def test_blocks_given_other_inputs_are_refused(token_ids):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        max_position_embeddings=256,
-    )
+    config = Gemma2Config(**TINY_DECODER, head_dim=16, sliding_window=8)
     model = Gemma2ForCausalLM(config).eval()
     with pytest.raises(UnsupportedGraphError, match=r"model\.layers\.1 is called with other inputs"):
         check_blocks_share_inputs(model, find_blocks(model), token_ids[:1])

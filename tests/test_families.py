@@ -14,6 +14,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
+from conftest import TINY_DECODER as _DECODER
+from conftest import TINY_SIZES as _SIZES
 from conftest import collect_stats, lae_everywhere_config
 from torch import nn
 
@@ -23,9 +25,6 @@ from fptq_compile.exporters import OnnxLayout, export_onnx
 from fptq_compile.passes import analyze_sensitivity, fold_log_equalization
 from fptq_compile.plan import ActivationClass, FoldKind
 from fptq_compile.runtime import OrtCausalLM
-
-_SIZES = {"vocab_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 256}
-_DECODER = {**_SIZES, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TINY_DECODER, tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.exporters import OnnxLayout, export_folder, export_onnx
@@ -251,12 +251,7 @@ def test_a_fusion_that_changes_the_logits_is_refused_and_the_unfused_graph_expor
     # Gemma-2's attention (its own scale and logit soft-capping) does not match the pattern
     # onnxscript fuses into GroupQueryAttention: the fused graph computes other logits.
     config = transformers.Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         head_dim=16,
         layer_types=["full_attention"] * 2,  # no sliding window: the check decides, not the window rule
     )
