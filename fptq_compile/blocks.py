@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from fptq_compile.capture import LinearSite, find_linear_sites
 from fptq_compile.errors import UnsupportedGraphError
+from fptq_compile.graph_utils import replace_tensor
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 """The positional and keyword inputs of one call of a block."""
@@ -152,7 +153,7 @@ class BlockGraph:
             if node.op == "get_attr":
                 tensor = _own_tensor(owner, str(node.target))
                 if tensor is not None:
-                    _set_attr(bound, str(node.target), tensor)
+                    replace_tensor(bound, str(node.target), tensor)
         return bound
 
     def module_path(self, blocks: DecoderBlocks, index: int, site: LinearSite) -> str:
@@ -170,21 +171,14 @@ def _own_tensor(module: nn.Module, target: str) -> torch.Tensor | None:
     return tensor if tensor is not None else owner._buffers.get(name)
 
 
-def _set_attr(module: nn.Module, target: str, tensor: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = module.get_submodule(owner_path)
-    if name in owner._parameters:
-        owner._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
-    else:
-        owner._buffers[name] = tensor
-
-
-def capture_block(blocks: DecoderBlocks, call: BlockCall) -> BlockGraph:
+def capture_block(blocks: DecoderBlocks, call: BlockCall, block: nn.Module | None = None) -> BlockGraph:
     """``torch.export`` of block 0 as called by the model (``call``), every input dimension
-    longer than 1 dynamic (a dimension of 1, as position embeddings' batch, stays 1)."""
+    longer than 1 dynamic (a dimension of 1, as position embeddings' batch, stays 1).
+
+    ``block`` is block 0 holding its weights, when ``blocks.layers[0]`` does not (offloaded)."""
     inputs = _tensor_inputs(call, call[0][0])
     constants = {key: value for key, value in call[1].items() if key not in inputs}
-    module = _WithConstants(blocks.layers[0], constants)
+    module = _WithConstants(blocks.layers[0] if block is None else block, constants)
     try:
         with torch.no_grad():
             exported = torch.export.export(module, (inputs,), dynamic_shapes=(_dynamic_shapes(inputs),), strict=False)

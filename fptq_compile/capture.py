@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
-from fptq_compile.graph_utils import fetch_tensor
+from fptq_compile.graph_utils import fetch_tensor, retarget_devices
 from fptq_compile.plan import SkippedLayer
 
 # Attribute under which the capture wrapper holds the user's model; stripped from
@@ -198,8 +198,21 @@ def capture(model: nn.Module) -> CapturedModel:
     example_inputs, dynamic_shapes = cache_signature(kv_layout, int(vocab_size or 2))
     model.eval()
     signature = GraphSignature(example_inputs, {}, dynamic_shapes)
-    graph_module = _export(_CausalLMWithCache(model), signature, model)
+    if all(parameter.device.type == "meta" for parameter in model.parameters()):
+        # An empty model (the structure of an offloaded one) is traced on meta inputs; the
+        # graph then runs on CPU tensors.
+        meta_inputs = pytree.tree_map(lambda tensor: tensor.to("meta"), example_inputs)
+        graph_module = _export(_CausalLMWithCache(model), GraphSignature(meta_inputs, {}, dynamic_shapes), model)
+        retarget_devices(graph_module, "meta", "cpu")
+    else:
+        graph_module = _export(_CausalLMWithCache(model), signature, model)
     return _captured(graph_module, kv_layout, max_sequence_length, vocab_size, signature)
+
+
+def graph_attribute(module_path: str) -> str:
+    """The graph attribute under which a captured causal LM reads the tensor the model calls
+    ``module_path`` (``model.norm.weight``)."""
+    return f"{_WRAPPED}.{module_path}"
 
 
 def capture_graph(

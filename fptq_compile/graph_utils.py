@@ -24,6 +24,40 @@ def fetch_tensor(graph_module: fx.GraphModule, target: str) -> torch.Tensor:
     return value
 
 
+def replace_tensor(module: nn.Module, target: str, tensor: torch.Tensor) -> None:
+    """Make the parameter or buffer at ``target`` (a dotted path) be ``tensor``."""
+    owner_path, _, name = target.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if name in owner._parameters:
+        owner._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+    elif name in owner._buffers:
+        owner._buffers[name] = tensor
+    else:  # a constant the export attached as a plain attribute
+        setattr(owner, name, tensor)
+
+
+def retarget_devices(graph_module: fx.GraphModule, source: str, target: str) -> int:
+    """Make the graph's ops that name device ``source`` (``arange(..., device=...)``, ``to``,
+    metadata asserts) name ``target`` instead; return how many arguments changed. A graph
+    traced on meta tensors names ``meta`` wherever the model named its tensors' device."""
+    source_device, target_device = torch.device(source), torch.device(target)
+    changed = 0
+
+    def swap(value: fx.node.Argument) -> fx.node.Argument:
+        nonlocal changed
+        if isinstance(value, torch.device) and value == source_device:
+            changed += 1
+            return target_device
+        return value
+
+    for node in graph_module.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+    if changed:
+        graph_module.recompile()
+    return changed
+
+
 def find_node(graph_module: fx.GraphModule, name: str) -> fx.Node | None:
     return next((node for node in graph_module.graph.nodes if node.name == name), None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import resource
 import sys
 import warnings
@@ -20,17 +21,20 @@ from fptq_compile.capture import (
     GraphSignature,
     KVCache,
     KVCacheLayout,
+    LinearSite,
     cache_signature,
     capture,
     capture_graph,
+    graph_attribute,
     logits,
     model_limits,
     select_linears,
 )
 from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
-from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor
+from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor, replace_tensor
 from fptq_compile.models import LoadedModel
+from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
@@ -50,7 +54,7 @@ from fptq_compile.passes.measure_activation_error import (
 from fptq_compile.passes.quantize_kv_cache import quantize_kv_cache
 from fptq_compile.plan import QuantPlan
 from fptq_compile.progress import StepProgress
-from fptq_compile.sequential import calibrate_by_block
+from fptq_compile.sequential import blocks_in_turn, calibrate_by_block
 
 DEFAULT_PASSES: tuple[Pass, ...] = (fold_log_equalization, insert_w4a8_qdq, quantize_kv_cache)
 """The transforms FPTQ applies once the plan is made, in order (GPTQ is added before
@@ -94,10 +98,14 @@ class CompiledModel:
     config: CompileConfig
     signature: GraphSignature | None = None
     """Example inputs and dynamic shapes, for re-exporting the graph (saving, ONNX)."""
+    offloaded: TensorStore | None = None
+    """Where the decoder blocks' tensors are, for a model compiled offloaded (the graph holds
+    ``meta`` tensors in their place); None when every tensor is in the graph."""
 
     def __call__(self, *inputs: Any, **keyword_inputs: Any) -> Any:
         """A causal LM: logits ``[batch, seq, vocab]`` for whole sequences ``input_ids [batch, seq]``.
         Any other graph: its outputs for its inputs."""
+        self._check_in_memory()
         with torch.no_grad():
             if self.kv_layout is None:
                 return self.graph_module(*inputs, **keyword_inputs)
@@ -115,11 +123,27 @@ class CompiledModel:
 
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One cached step (a causal LM): logits of the new tokens and the cache extended by them."""
+        self._check_in_memory()
         if self.kv_layout is None:
             raise UnsupportedGraphError("this compiled graph is not a causal LM with a key/value cache")
         with torch.no_grad():
             output: tuple[torch.Tensor, KVCache] = self.graph_module(input_ids, past_key_values)
             return output
+
+    def in_memory(self) -> CompiledModel:
+        """This model with every offloaded tensor read back into its graph (for a model that
+        fits in memory: to run it in torch); the model itself when nothing is offloaded."""
+        if self.offloaded is None:
+            return self
+        self.offloaded.materialize(self.graph_module)
+        return dataclasses.replace(self, offloaded=None)
+
+    def _check_in_memory(self) -> None:
+        if self.offloaded is not None and self.offloaded.files:
+            raise UnsupportedGraphError(
+                f"the compiled blocks' tensors are on disk ({self.offloaded.folder}): export the model, "
+                "or call in_memory() first if it fits in memory"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,7 +194,7 @@ def analyze(
     config = config or CompileConfig()
     steps = StepProgress("analyze", _analysis_steps(config), progress)
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
-    analysis = _analyze(model, calibration, config, inputs, steps, False)
+    analysis, _ = _analyze(model, calibration, config, inputs, steps, False)
     steps.close()
     return analysis
 
@@ -210,9 +234,12 @@ def _capture_and_batches(
     token_ids = calibration_token_ids(
         calibration, inputs.tokenizer, inputs.num_samples, inputs.seq_len, vocab_size, max_sequence_length
     )
+    if is_offloaded(model) and not config.calibrate_by_block:
+        raise ConfigError("a model with its blocks on disk (offloaded) compiles block by block: set calibrate_by_block")
     with steps.step("capture"):
-        # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic.
-        captured = capture(model)
+        # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic; an
+        # offloaded model's blocks stay on disk (meta tensors in the graph).
+        captured = capture_offloaded(model) if is_offloaded(model) else capture(model)
     size = config.calibration_batch_size
     error_batches = list(token_ids[: config.error_samples].split(size))
     return captured, list(token_ids.split(size)), error_batches, int(token_ids.numel())
@@ -234,7 +261,8 @@ def _analyze(
     inputs: _ModelInputs,
     steps: StepProgress,
     collect_hessians: bool,
-) -> Analysis:
+) -> tuple[Analysis, list[Any]]:
+    """The analysis, and the calibration batches it ran."""
     captured, batches, error_batches, calibration_tokens = _capture_and_batches(
         model, calibration, config, inputs, steps
     )
@@ -271,7 +299,7 @@ def _analyze(
     with steps.step("analyze_sensitivity"):
         # The policy per activation group: static / LAE + static / per-token dynamic.
         plan = analyze_sensitivity(graph_module, linears, skipped, stats, config, errors)
-    return Analysis(captured, plan, stats, calibration_tokens, steps.seconds)
+    return Analysis(captured, plan, stats, calibration_tokens, steps.seconds), batches
 
 
 def compile(
@@ -286,6 +314,7 @@ def compile(
     num_samples: int = 32,
     seq_len: int = 512,
     progress: bool = True,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> CompiledModel:
     """Quantize a model to W4A8 with FPTQ.
 
@@ -307,6 +336,12 @@ def compile(
     :func:`insert_w4a8_qdq` on the Hessians calibration collected (a list without
     ``insert_w4a8_qdq`` quantizes no weights, so it gets no GPTQ). The user's model is
     left unchanged.
+
+    A causal LM loaded with its blocks on disk (:func:`fptq_compile.offload.load_offloaded`)
+    is compiled with one block in memory at a time (``calibrate_by_block`` must be set): the
+    passes run once per block on its slice of the plan, and each finished block's tensors are
+    written to ``offload_folder`` (default: a temporary folder kept as long as the result),
+    which the result reads them from (:attr:`CompiledModel.offloaded`).
     """
     config = config or CompileConfig()
     uses_gptq = config.weights.rounding is WeightRounding.GPTQ and insert_w4a8_qdq in passes
@@ -317,21 +352,36 @@ def compile(
             UserWarning,
             stacklevel=2,
         )
-    step_names = (*_analysis_steps(config), *map(pass_name, passes), *(["gptq_weights"] if uses_gptq else []))
-    steps = StepProgress("compile", step_names, progress)
-    # Capture, calibrate, plan: what happens to every linear, decided before any edit.
+    causal_lm = model.model if isinstance(model, LoadedModel) else model
+    offloaded = isinstance(causal_lm, nn.Module) and is_offloaded(causal_lm)
+    if offloaded and config.kv_cache_int8:
+        raise ConfigError("an int8 KV cache is not yet compiled for a model with its blocks on disk (offloaded)")
+    transform_steps = ["quantize_blocks"] if offloaded else [*map(pass_name, passes), *(["gptq_weights"] * uses_gptq)]
+    steps = StepProgress("compile", (*_analysis_steps(config), *transform_steps), progress)
+    # Capture, calibrate, plan: what happens to every linear, decided before any edit. An
+    # offloaded model's Hessians are collected block by block, as each block is quantized.
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
-    analysis = _analyze(model, calibration, config, inputs, steps, uses_gptq)
+    analysis, batches = _analyze(model, calibration, config, inputs, steps, uses_gptq and not offloaded)
     graph_module, plan = analysis.captured.graph_module, analysis.plan
     bytes_before = _linear_weight_bytes(graph_module, plan)
-    pass_reports: dict[str, dict[str, Any]] = {}
-    for transform in _with_gptq(passes, analysis.stats, config) if uses_gptq else passes:
-        name = pass_name(transform)
-        with steps.step(name):
-            # Each transform reads the plan; the runner lints and recompiles after it.
-            result: PassResult = run_pass(transform, graph_module, plan)
-        graph_module = result.graph_module
-        pass_reports[name] = {"modified": result.modified, **dict(result.report)}
+    store = None
+    if offloaded:
+        assert isinstance(causal_lm, nn.Module)
+        store = TensorStore(offload_folder)
+        linears, _ = select_linears(analysis.captured.linears, config)
+        with steps.step("quantize_blocks"):
+            pass_reports = _transform_by_block(
+                causal_lm, graph_module, plan, linears, batches, passes, uses_gptq, config, store, steps.enabled
+            )
+    else:
+        pass_reports = {}
+        for transform in _with_gptq(passes, analysis.stats, config) if uses_gptq else passes:
+            name = pass_name(transform)
+            with steps.step(name):
+                # Each transform reads the plan; the runner lints and recompiles after it.
+                result: PassResult = run_pass(transform, graph_module, plan)
+            graph_module = result.graph_module
+            pass_reports[name] = {"modified": result.modified, **dict(result.report)}
     steps.close()
     drop_unused_attributes(graph_module)
     report = CompileReport(
@@ -343,7 +393,65 @@ def compile(
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
     )
     captured = analysis.captured
-    return CompiledModel(graph_module, plan, report, captured.kv_layout, config, captured.signature)
+    return CompiledModel(graph_module, plan, report, captured.kv_layout, config, captured.signature, store)
+
+
+def _transform_by_block(
+    model: nn.Module,
+    graph_module: fx.GraphModule,
+    plan: QuantPlan,
+    linears: Sequence[LinearSite],
+    batches: Sequence[torch.Tensor],
+    passes: Sequence[Pass],
+    uses_gptq: bool,
+    config: CompileConfig,
+    store: TensorStore,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Run ``passes`` on the whole graph one decoder block at a time: the block's tensors are
+    read into the graph, the passes transform its slice of the plan, and the tensors it then
+    reads are written to ``store`` (``meta`` tensors left in their place)."""
+    in_memory = {target for target in _attribute_targets(graph_module) if not _is_meta(graph_module, target)}
+    reports: dict[str, dict[str, Any]] = {}
+    for block in blocks_in_turn(model, linears, batches, uses_gptq, progress):
+        prefix = f"{graph_attribute(block.path)}."
+        for target in _attribute_targets(graph_module):
+            if target.startswith(prefix):
+                replace_tensor(graph_module, target, block.tensors[target.removeprefix(prefix)])
+        block_plan = plan.restricted_to(block.linears)
+        for transform in _with_gptq(passes, block.stats, config) if uses_gptq else passes:
+            result = run_pass(transform, graph_module, block_plan)
+            _merge_report(reports.setdefault(pass_name(transform), {}), result)
+        drop_unused_attributes(graph_module)  # the block's float weights, once quantized
+        finished = [
+            target
+            for target in _attribute_targets(graph_module)
+            if target not in in_memory and not _is_meta(graph_module, target)
+        ]
+        store.offload(graph_module, finished, f"block_{block.index:05d}.safetensors")
+        del block  # its float tensors, before the next block is read
+    return reports
+
+
+def _attribute_targets(graph_module: fx.GraphModule) -> list[str]:
+    """The tensors the graph reads, by attribute path (each once)."""
+    return list(dict.fromkeys(str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"))
+
+
+def _is_meta(graph_module: fx.GraphModule, target: str) -> bool:
+    return fetch_tensor(graph_module, target).device.type == "meta"
+
+
+def _merge_report(merged: dict[str, Any], result: PassResult) -> None:
+    """Add one block's pass report to the whole model's: counts add up, per-node tables join."""
+    merged["modified"] = merged.get("modified", False) or result.modified
+    for key, value in result.report.items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = merged.get(key, 0) + value
+        else:
+            merged[key] = value
 
 
 def _with_gptq(passes: Sequence[Pass], stats: ActivationStats, config: CompileConfig) -> tuple[Pass, ...]:

@@ -11,9 +11,11 @@ and, under LAE, one equalization scale and one fold target.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +169,13 @@ class QuantPlan:
 
     def group_of(self, layer: LayerPlan) -> ActivationGroup:
         return next(group for group in self.groups if group.input_node == layer.input_node)
+
+    def restricted_to(self, linears: Collection[str]) -> QuantPlan:
+        """The plan of the linear nodes ``linears`` only: their layers and their groups."""
+        layers = tuple(layer for layer in self.layers if layer.node in linears)
+        inputs = {layer.input_node for layer in layers}
+        groups = tuple(group for group in self.groups if group.input_node in inputs)
+        return dataclasses.replace(self, layers=layers, groups=groups, skipped=())
 
     def activation_class_counts(self) -> dict[str, int]:
         """How many linears (not groups) fall in each activation class."""

@@ -1,27 +1,41 @@
-"""Calibration block by block: the statistics and candidate errors of whole-model calibration,
-with one decoder block's calibration activations in flight at a time.
+"""Block by block: whole-model calibration and compilation with one decoder block in memory.
 
 The model runs up to its first block once per batch (:func:`first_block_inputs`); then each
-block, the one captured graph bound to its parameters, gets the observers and error probes
-of whole-model calibration, runs the batches and hands its float outputs to the next block.
-What the probes measured is keyed back by the whole graph's linear and input node names,
-so the plan is made from it exactly as from whole-model calibration.
+block, the one captured graph bound to its parameters (read from disk when the model is
+offloaded), runs the batches and hands its float outputs to the next block. What is
+measured on a block is keyed back by the whole graph's linear and input node names, so
+the plan and the passes work on it exactly as on whole-model calibration.
+
+- :func:`calibrate_by_block`: the observers' statistics and the candidates' errors, from
+  which the plan is made (its static share is global, so every block is measured first);
+- :func:`blocks_in_turn`: then each block again, in memory with its calibration statistics
+  (Hessians for GPTQ), for the passes to quantize it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fptq_compile.blocks import BlockCall, capture_block, check_blocks_share_inputs, find_blocks, first_block_inputs
+from fptq_compile.blocks import (
+    BlockCall,
+    BlockGraph,
+    DecoderBlocks,
+    capture_block,
+    check_blocks_share_inputs,
+    find_blocks,
+    first_block_inputs,
+)
 from fptq_compile.blocks import run_block as run_bound_block
 from fptq_compile.capture import LinearSite
 from fptq_compile.config import CompileConfig
 from fptq_compile.errors import UnsupportedGraphError
+from fptq_compile.offload import block_in_memory
 from fptq_compile.passes.analyze_sensitivity import activation_candidates
 from fptq_compile.passes.insert_observers import (
     ActivationStats,
@@ -38,6 +52,45 @@ from fptq_compile.passes.measure_activation_error import (
 )
 
 
+@dataclass(frozen=True)
+class _BlockRun:
+    """A model's blocks, their one captured graph, what the model gives block 0 for each
+    batch, and the whole graph's linears by module path."""
+
+    blocks: DecoderBlocks
+    graph: BlockGraph
+    by_path: dict[str, LinearSite]
+
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, linears: Sequence[LinearSite], batches: Sequence[torch.Tensor]
+    ) -> tuple[_BlockRun, list[BlockCall]]:
+        blocks = find_blocks(model)
+        check_blocks_share_inputs(model, blocks, batches[0][:1])
+        calls = first_block_inputs(model, blocks, batches)
+        graph = capture_block(blocks, calls[0], block_in_memory(blocks.layers[0]))
+        return cls(blocks, graph, {site.module_path: site for site in linears}), calls
+
+    def sites(self, index: int) -> dict[str, LinearSite]:
+        """The block graph's linears that the whole graph quantizes, mapped to their
+        whole-graph sites (for block ``index``)."""
+        paths = {site.node: self.graph.module_path(self.blocks, index, site) for site in self.graph.linears}
+        return {node: self.by_path[path] for node, path in paths.items() if path in self.by_path}
+
+    def check_covered(self) -> None:
+        """Refuse whole-graph linears outside the decoder blocks."""
+        covered = {site.module_path for index in range(len(self.blocks)) for site in self.sites(index).values()}
+        missing = sorted(set(self.by_path) - covered)
+        if missing:
+            raise UnsupportedGraphError(
+                f"linears outside the decoder blocks ({', '.join(missing[:4])}) cannot be compiled block by block: "
+                "ignore them or compile the whole model"
+            )
+
+    def block_sites(self, whole: dict[str, LinearSite]) -> list[LinearSite]:
+        return [site for site in self.graph.linears if site.node in whole]
+
+
 def calibrate_by_block(
     model: nn.Module,
     linears: Sequence[LinearSite],
@@ -49,30 +102,21 @@ def calibrate_by_block(
 ) -> tuple[ActivationStats, ActivationErrors | None]:
     """Statistics (and, with ``error_batches``, candidate errors) of ``linears``, sites of the
     whole captured graph, measured block by block on token-id ``batches``."""
-    blocks = find_blocks(model)
-    check_blocks_share_inputs(model, blocks, batches[0][:1])
-    calls = first_block_inputs(model, blocks, batches)
-    error_calls = first_block_inputs(model, blocks, error_batches)
-    graph = capture_block(blocks, calls[0])
-    by_path = {site.module_path: site for site in linears}
+    run, calls = _BlockRun.prepare(model, linears, batches)
+    run.check_covered()
+    error_calls = first_block_inputs(model, run.blocks, error_batches)
     hidden = [call[0][0] for call in calls]
     error_hidden = [call[0][0] for call in error_calls]
     stats: dict[str, ChannelStats] = {}
     errors: dict[str, dict[str, float]] = {}
-    covered: set[str] = set()
-    for index, layer in enumerate(tqdm(blocks.layers, desc="blocks", unit="block", disable=not progress)):
-        bound = graph.bind(layer)
-        # The block's linears that the whole graph quantizes, and their whole-graph sites.
-        paths = {site.node: graph.module_path(blocks, index, site) for site in graph.linears}
-        sites = [site for site in graph.linears if paths[site.node] in by_path]
-        whole = {site.node: by_path[paths[site.node]] for site in sites}
-        covered.update(site.module_path for site in whole.values())
-        insert_observers(bound, sites, collect_hessians)
-        hidden = _run(bound, calls, hidden)
-        block_stats = read_activation_stats(bound)
-        remove_observers(bound)
-        for node, channel_stats in block_stats.per_linear.items():
-            stats[whole[node].node] = dataclasses.replace(channel_stats, input_node=whole[node].input_node)
+    layers = tqdm(run.blocks.layers, desc="calibrating blocks", unit="block", disable=not progress)
+    for index, layer in enumerate(layers):
+        # An offloaded block is read from disk here, and dropped with ``bound``.
+        bound = run.graph.bind(block_in_memory(layer))
+        whole = run.sites(index)
+        sites = run.block_sites(whole)
+        block_stats, hidden = _observe(bound, sites, calls, hidden, collect_hessians)
+        stats.update(_keyed_by_whole_graph(block_stats, whole))
         if error_batches:
             insert_error_probes(bound, activation_candidates(bound, sites, block_stats, config))
             error_hidden = _run(bound, error_calls, error_hidden)
@@ -81,16 +125,79 @@ def calibrate_by_block(
             for site in sites:
                 if site.input_node in block_errors.sqnr_db:
                     errors[whole[site.node].input_node] = dict(block_errors.sqnr_db[site.input_node])
-    missing = sorted(set(by_path) - covered)
-    if missing:
-        raise UnsupportedGraphError(
-            f"linears outside the decoder blocks ({', '.join(missing[:4])}) cannot be calibrated block by block: "
-            "ignore them or calibrate the whole model"
-        )
     return ActivationStats(stats), ActivationErrors(errors) if error_batches else None
 
 
-def _run(bound: torch.fx.GraphModule, calls: Sequence[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class BlockInTurn:
+    """One decoder block, in memory, as the transform passes get it."""
+
+    index: int
+    path: str
+    """Its module path in the model (``model.layers.3``)."""
+    tensors: dict[str, torch.Tensor]
+    """Its parameters and buffers, by name within the block."""
+    linears: frozenset[str]
+    """The whole graph's nodes of its quantized linears."""
+    stats: ActivationStats
+    """Their calibration statistics (with Hessians when asked), keyed by whole-graph node."""
+
+
+def blocks_in_turn(
+    model: nn.Module,
+    linears: Sequence[LinearSite],
+    batches: Sequence[torch.Tensor],
+    collect_hessians: bool,
+    progress: bool = True,
+) -> Iterator[BlockInTurn]:
+    """Each decoder block in turn, read into memory, with the statistics of its linears on
+    the float activations that reach it; the next block is read once the caller is done."""
+    run, calls = _BlockRun.prepare(model, linears, batches)
+    run.check_covered()
+    hidden = [call[0][0] for call in calls]
+    layers = tqdm(run.blocks.layers, desc="quantizing blocks", unit="block", disable=not progress)
+    for index, layer in enumerate(layers):
+        block = block_in_memory(layer)
+        bound = run.graph.bind(block)
+        whole = run.sites(index)
+        block_stats, hidden = _observe(bound, run.block_sites(whole), calls, hidden, collect_hessians)
+        in_turn = BlockInTurn(
+            index,
+            run.blocks.block_path(index),
+            dict(block.state_dict()),
+            frozenset(site.node for site in whole.values()),
+            ActivationStats(_keyed_by_whole_graph(block_stats, whole)),
+        )
+        # Hold nothing of this block while the next one is read (the caller drops its turn too).
+        del bound, block, block_stats
+        yield in_turn
+        del in_turn
+
+
+def _observe(
+    bound: fx.GraphModule,
+    sites: Sequence[LinearSite],
+    calls: Sequence[BlockCall],
+    hidden: list[torch.Tensor],
+    collect_hessians: bool,
+) -> tuple[ActivationStats, list[torch.Tensor]]:
+    """The block's statistics on ``hidden``, and its float outputs (the next block's inputs)."""
+    insert_observers(bound, sites, collect_hessians)
+    try:
+        outputs = _run(bound, calls, hidden)
+        return read_activation_stats(bound), outputs
+    finally:
+        remove_observers(bound)
+
+
+def _keyed_by_whole_graph(stats: ActivationStats, whole: dict[str, LinearSite]) -> dict[str, ChannelStats]:
+    return {
+        whole[node].node: dataclasses.replace(channel_stats, input_node=whole[node].input_node)
+        for node, channel_stats in stats.per_linear.items()
+    }
+
+
+def _run(bound: fx.GraphModule, calls: Sequence[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """The block's float outputs for each batch (observers and probes pass their input through)."""
     with torch.no_grad():
         return [run_bound_block(bound, call, states) for call, states in zip(calls, hidden, strict=True)]

@@ -1,0 +1,183 @@
+"""Models bigger than memory: decoder blocks left on disk and read one at a time.
+
+:func:`load_offloaded` loads a Hugging Face checkpoint folder (safetensors) through
+transformers' ``device_map``, which hands the placement to ``accelerate``: what lies
+outside the decoder blocks (embeddings, final norm, lm_head) is read into memory, each
+block stays on ``"disk"`` (its parameters are ``meta`` tensors, read from the
+memory-mapped checkpoint when the block runs and dropped after). The model still runs as
+a whole, one block's weights in memory at a time.
+
+:func:`block_in_memory` gives one block as a plain module (no offload hooks) holding its
+weights, for the compiler to capture, bind and quantize; the copy is dropped with the
+reference to it. For a model in memory it is the block itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import align_module_device, has_offloaded_params
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import fx, nn
+
+from fptq_compile.blocks import find_blocks
+from fptq_compile.capture import CapturedModel, capture, graph_attribute
+from fptq_compile.errors import ModelLoadError, UnsupportedGraphError
+from fptq_compile.graph_utils import fetch_tensor, replace_tensor
+from fptq_compile.models import LoadedModel
+
+
+def load_offloaded(folder: str | os.PathLike[str]) -> LoadedModel:
+    """Load the causal LM in ``folder`` (a Hugging Face checkpoint in safetensors) with its
+    decoder blocks on disk: memory holds only what lies outside them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: offloaded loading needs a Hugging Face checkpoint folder")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors file: offloaded loading reads safetensors checkpoints")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        device_map = blocks_on_disk(skeleton)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device_map)
+        tokenizer = _tokenizer(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise ModelLoadError(f"could not load {path} with its blocks on disk: {reason}") from error
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+def _tokenizer(path: Path) -> object | None:
+    """The folder's tokenizer, or None when it has none (synthetic checkpoints)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def blocks_on_disk(model: nn.Module) -> dict[str, str]:
+    """A ``device_map`` putting each decoder block on ``"disk"`` and every other module
+    holding tensors on ``"cpu"``."""
+    blocks = find_blocks(model)
+    device_map: dict[str, str] = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rpartition(".")[0]
+        if owner.startswith(f"{blocks.path}."):
+            index = owner.removeprefix(f"{blocks.path}.").split(".")[0]
+            device_map[blocks.block_path(int(index))] = "disk"
+        else:
+            device_map[owner] = "cpu"
+    return device_map
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether any of ``module``'s parameters live on disk (read by accelerate when it runs)."""
+    return any(has_offloaded_params(child) for child in module.modules())
+
+
+def block_in_memory(block: nn.Module) -> nn.Module:
+    """``block`` as a plain module holding its weights: an offloaded block is copied without
+    its hooks and its tensors read from disk; a block in memory is returned as it is."""
+    if not is_offloaded(block):
+        return block
+    plain = copy.deepcopy(block)  # meta tensors: nothing is read yet
+    remove_hook_from_module(plain, recurse=True)
+    state = {name: tensor for name, tensor in block.state_dict().items() if tensor.device.type != "meta"}
+    for path, child in block.named_modules():
+        if not has_offloaded_params(child):
+            continue
+        prefix = f"{path}." if path else ""
+        with align_module_device(child, torch.device("cpu")):
+            own = [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]
+            state.update({f"{prefix}{name}": tensor.detach() for name, tensor in own})
+    plain.load_state_dict(state, assign=True, strict=True)
+    return plain
+
+
+class TensorStore:
+    """Graph tensors kept on disk: each finished block's tensors go to one safetensors file,
+    and the graph keeps a ``meta`` tensor of the same shape and dtype in their place.
+
+    ``folder`` is created if needed; without one a temporary folder is used, deleted with
+    the store.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+        self._temporary = None
+        if folder is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="fptq-offload-")
+            folder = self._temporary.name
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, str] = {}
+        """Graph attribute -> the file (in ``folder``) holding its tensor."""
+
+    def offload(self, graph_module: fx.GraphModule, targets: Sequence[str], file_name: str) -> int:
+        """Write the tensors at ``targets`` to ``file_name`` and leave meta tensors in their
+        place; return the bytes written."""
+        tensors = {target: fetch_tensor(graph_module, target).detach().contiguous() for target in targets}
+        if not tensors:
+            return 0
+        staged = self.folder / f".{file_name}.partial"
+        save_file(tensors, str(staged))
+        os.replace(staged, self.folder / file_name)
+        for target, tensor in tensors.items():
+            replace_tensor(graph_module, target, torch.empty_like(tensor, device="meta"))
+            self.files[target] = file_name
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+    def load(self, target: str) -> torch.Tensor:
+        """The tensor at ``target``, read from its file."""
+        with safe_open(str(self.folder / self.files[target]), framework="pt") as file:
+            return file.get_tensor(target)
+
+    def materialize(self, graph_module: fx.GraphModule) -> None:
+        """Read every offloaded tensor back into ``graph_module`` (for a model that fits in memory)."""
+        by_file: dict[str, list[str]] = {}
+        for target, file_name in self.files.items():
+            by_file.setdefault(file_name, []).append(target)
+        for file_name, targets in by_file.items():
+            with safe_open(str(self.folder / file_name), framework="pt") as file:
+                for target in targets:
+                    replace_tensor(graph_module, target, file.get_tensor(target))
+        self.files.clear()
+
+
+def capture_offloaded(model: nn.Module) -> CapturedModel:
+    """The whole graph of an offloaded causal LM, captured from an empty copy of it: the
+    tensors the model holds in memory are put in place, the blocks' stay ``meta`` (each is
+    read when its block is compiled)."""
+    with init_empty_weights():
+        skeleton = type(model)(model.config)
+    captured = capture(skeleton)
+    graph_module = captured.graph_module
+    in_memory = {name: tensor for name, tensor in model.state_dict().items() if tensor.device.type != "meta"}
+    blocks = find_blocks(model)
+    for target in sorted({str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"}):
+        tensor = fetch_tensor(graph_module, target)
+        if tensor.device.type != "meta":
+            continue
+        name = target.removeprefix(graph_attribute(""))
+        if name in in_memory:
+            replace_tensor(graph_module, target, in_memory[name])
+        elif tensor.numel() == 0:  # an empty constant the export created (an empty cache)
+            replace_tensor(graph_module, target, torch.empty(tensor.shape, dtype=tensor.dtype))
+        elif not name.startswith(f"{blocks.path}."):
+            raise UnsupportedGraphError(
+                f"the captured graph reads {name}, which is neither in memory nor in a decoder block"
+            )
+    return captured

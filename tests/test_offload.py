@@ -1,0 +1,115 @@
+"""Offloaded loading: decoder blocks on disk, read one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import fptq_compile as fptq
+from fptq_compile.errors import ModelLoadError
+from fptq_compile.graph_utils import fetch_tensor
+from fptq_compile.offload import block_in_memory, is_offloaded, load_offloaded
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 3-block tiny Llama saved as several safetensors shards, and the model itself."""
+    model = tiny_llama(layers=3)
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return folder, model
+
+
+def test_blocks_stay_on_disk_and_the_model_computes_the_same_logits(checkpoint, token_ids):
+    folder, model = checkpoint
+    loaded = load_offloaded(folder).model
+    layers = loaded.model.layers
+    assert all(is_offloaded(layer) for layer in layers)
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    assert loaded.model.embed_tokens.weight.device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(token_ids).logits, model(token_ids).logits, rtol=0, atol=0)
+
+
+def test_block_in_memory_is_a_plain_copy_holding_the_weights(checkpoint):
+    folder, model = checkpoint
+    layers = load_offloaded(folder).model.model.layers
+    plain = block_in_memory(layers[1])
+    assert not is_offloaded(plain) and not hasattr(plain, "_hf_hook")
+    expected = model.model.layers[1].state_dict()
+    assert plain.state_dict().keys() == expected.keys()
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    assert all(p.device.type == "meta" for p in layers[1].parameters())  # still on disk
+    in_memory = model.model.layers[0]
+    assert block_in_memory(in_memory) is in_memory
+
+
+def test_a_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_offloaded(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
+        load_offloaded(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("rounding", [fptq.WeightRounding.GPTQ, fptq.WeightRounding.NEAREST])
+def test_an_offloaded_model_compiles_to_what_block_by_block_compilation_gives(checkpoint, token_ids, rounding):
+    folder, model = checkpoint
+    # A 35 dB budget makes this model's plan mix static, LAE + static and dynamic groups.
+    config = fptq.CompileConfig(
+        weights=fptq.WeightConfig(group_size=32, rounding=rounding),
+        activations=fptq.ActivationConfig(min_sqnr_db=35.0),
+        calibrate_by_block=True,
+    )
+    expected = fptq.compile(model, token_ids, config, progress=False)
+    offloaded = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False)
+    # The meta-traced graph names some nodes differently: plans compare by module path.
+    assert _by_module_path(offloaded.plan) == _by_module_path(expected.plan)
+    assert len({group.activation.kind for group in offloaded.plan.groups}) == 3
+    assert sorted(path.name for path in offloaded.offloaded.folder.iterdir()) == [
+        f"block_{index:05d}.safetensors" for index in range(3)
+    ]
+    # Every block tensor is on disk, the graph holds meta tensors in their place.
+    assert offloaded.offloaded.files and all(
+        fetch_tensor(offloaded.graph_module, target).device.type == "meta" for target in offloaded.offloaded.files
+    )
+    with pytest.raises(fptq.UnsupportedGraphError, match="on disk"):
+        offloaded(token_ids)
+    loaded = offloaded.in_memory()
+    expected_nodes = {layer.module_path: layer.node for layer in expected.plan.layers}
+    for layer in loaded.plan.layers:
+        for part in ("int4", "scale", "zero_point"):
+            torch.testing.assert_close(
+                fetch_tensor(loaded.graph_module, f"fptq_{layer.node}_weight_{part}"),
+                fetch_tensor(expected.graph_module, f"fptq_{expected_nodes[layer.module_path]}_weight_{part}"),
+                rtol=0,
+                atol=0,
+            )
+    torch.testing.assert_close(loaded(token_ids), expected(token_ids), rtol=0, atol=0)
+    assert offloaded.report.pass_reports["insert_w4a8_qdq"]["modified"]
+
+
+def test_an_offloaded_model_needs_block_by_block_compilation(checkpoint, token_ids):
+    folder, _ = checkpoint
+    with pytest.raises(fptq.ConfigError, match="calibrate_by_block"):
+        fptq.compile(load_offloaded(folder).model, token_ids, progress=False)
+
+
+def _by_module_path(plan):
+    """The plan's decisions keyed by module paths, not node names."""
+    paths = {layer.node: layer.module_path for layer in plan.layers}
+    groups = {
+        tuple(paths[node] for node in group.linears): (
+            group.activation,
+            group.reason,
+            None if group.fold is None else (group.fold.kind, group.fold.module_path),
+            group.lae_scale,
+            group.candidate,
+            group.candidate_sqnr_db,
+        )
+        for group in plan.groups
+    }
+    return {layer.module_path: layer.weight for layer in plan.layers}, groups
