@@ -51,16 +51,15 @@ def gptq_int4_groups(
 
     # Work on W^T: one input column is one contiguous row.
     remaining = weight.detach().to(torch.float32).t().clone()
-    hessian = hessian.detach().to(torch.float64).clone()
     # An input that was always zero carries no information: its weights cannot matter.
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1.0
+    diagonal = hessian.diagonal().to(torch.float64)
+    dead = diagonal == 0
     remaining[dead] = 0.0
-    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(in_features)
+    diagonal[dead] = 1.0  # as the Hessian gets below
+    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(in_features)
     remaining = remaining[order]
     scale, zero_point = scale.t()[order].contiguous(), zero_point.t()[order].contiguous()
-    hessian = hessian[order][:, order]
-    upper = _inverse_hessian_factor(hessian, damp).to(torch.float32)
+    upper = _inverse_hessian_factor(hessian.detach(), order, dead[order], damp)
 
     codes = torch.empty_like(remaining)
     for start in range(0, in_features, block_size):
@@ -91,11 +90,20 @@ def output_error(weight: torch.Tensor, restored: torch.Tensor, hessian: torch.Te
     return ((difference @ hessian.to(torch.float32)) * difference).sum(dim=1)
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``."""
-    damped = hessian + damp * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    lower, info = torch.linalg.cholesky_ex(damped)
+def _inverse_hessian_factor(
+    hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float32), ``H`` the
+    Hessian with its rows and columns in ``order`` and a unit diagonal at the ``dead``
+    inputs. Each float64 intermediate is dropped as soon as it is used: a big model's
+    down_proj Hessian is ~600 MB in float64."""
+    permuted = hessian.to(torch.float64)[order][:, order]
+    permuted[dead, dead] = 1.0
+    permuted.diagonal().add_(damp * permuted.diagonal().mean())
+    lower, info = torch.linalg.cholesky_ex(permuted)
+    del permuted
     if int(info) != 0:
         raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp})")
     inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
