@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.errors import ModelLoadError
+from fptq_compile.exporters.onnx_qdq import OnnxLayout, export_onnx
 from fptq_compile.graph_utils import fetch_tensor
 from fptq_compile.offload import block_in_memory, is_offloaded, load_offloaded
+from fptq_compile.runtime import OrtCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,31 @@ def _by_module_path(plan):
         for group in plan.groups
     }
     return {layer.module_path: layer.weight for layer in plan.layers}, groups
+
+
+@pytest.mark.parametrize("layout", [OnnxLayout.QDQ, OnnxLayout.ORT])
+def test_an_offloaded_model_exports_without_reading_its_blocks_into_the_graph(checkpoint, token_ids, tmp_path, layout):
+    folder, model = checkpoint
+    config = fptq.CompileConfig(calibrate_by_block=True)
+    expected = fptq.compile(model, token_ids, config, progress=False)
+    offloaded = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export = export_onnx(offloaded, tmp_path / "model.onnx", layout)
+    assert (tmp_path / "model.onnx.data").is_file()  # tensors streamed to external data
+    assert export.int4_initializers == 2 * len(expected.plan.layers)  # codes and zero points
+    if layout is OnnxLayout.ORT:
+        assert export.fusions is not None and "compiled offloaded" in export.fusions.unfused_reason
+        assert any("compiled offloaded" in str(warning.message) for warning in caught)
+    # The graph still holds meta tensors in the blocks' place: nothing was read back into it.
+    assert all(
+        fetch_tensor(offloaded.graph_module, target).device.type == "meta" for target in offloaded.offloaded.files
+    )
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    session = OrtCausalLM.load(export.path, exact=True)
+    prefill, past = session.step(ids[:, :-1], expected.kv_layout.empty(2))
+    decode, _ = session.step(ids[:, -1:], past)
+    expected_prefill, expected_past = expected.step(ids[:, :-1], expected.kv_layout.empty(2))
+    expected_decode, _ = expected.step(ids[:, -1:], expected_past)
+    for actual, reference in ((prefill, expected_prefill), (decode, expected_decode)):
+        assert float((actual - reference).abs().max() / reference.abs().max()) < 1e-5

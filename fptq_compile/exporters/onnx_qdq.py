@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 import shutil
 import tempfile
@@ -34,8 +35,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
+from torch.utils import _pytree as pytree
 
-from fptq_compile.capture import KVCacheLayout
+from fptq_compile.capture import GraphSignature, KVCacheLayout
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
 from fptq_compile.exporters.onnx_rewrites import (
@@ -45,11 +47,15 @@ from fptq_compile.exporters.onnx_rewrites import (
     static_qdq_as_unit_scale,
 )
 from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
+from fptq_compile.graph_utils import fetch_tensor, replace_tensor, retarget_devices
+from fptq_compile.offload import TensorStore
 from fptq_compile.pipeline import CompiledModel
 
 OPSET = 21
 # Models over this size keep their tensors in an external data file (protobuf's 2 GB limit).
 EXTERNAL_DATA_THRESHOLD = 1 << 31
+# Tensor bytes computed and waiting to be written at once while saving.
+SAVE_IN_FLIGHT_BYTES = 1 << 28
 
 
 class OnnxLayout(enum.Enum):
@@ -107,9 +113,12 @@ def export_onnx(
             "drops the window"
         )
         fuse = False
+    if fuse and _is_offloaded(compiled):
+        unfused_reason = "the model was compiled offloaded: checking a fused graph needs the compiled graph in memory"
+        fuse = False
     model, export = _lower(compiled, layout)
     if not fuse or kv_layout is None:
-        _save_checked(model, destination)
+        _save_checked(model, destination, external=_is_offloaded(compiled))
     else:
         export, unfused_reason = _save_fused(compiled, model, export, destination, kv_layout.num_layers)
     if unfused_reason:
@@ -144,32 +153,11 @@ def _save_fused(
 def _lower(compiled: CompiledModel, layout: OnnxLayout) -> tuple[ir.Model, OnnxExport]:
     """The compiled graph as ONNX in ``layout`` (not yet fused), with what was rewritten
     (path and size filled in once saved)."""
-    kv_layout = compiled.kv_layout
     signature = compiled.example_signature()
-    # A causal LM's inputs and outputs get the names runtimes expect; any other graph keeps its own.
-    input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
-    try:
-        with warnings.catch_warnings():
-            # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            program = torch.onnx.export(
-                compiled.graph_module,
-                signature.args,
-                kwargs=signature.kwargs or None,
-                dynamo=True,
-                opset_version=OPSET,
-                custom_translation_table=TRANSLATION_TABLE,
-                dynamic_shapes=signature.dynamic_shapes,
-                input_names=input_names,
-                output_names=output_names,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as error:  # the exporter raises many types; keep the cause
-        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
-    if program is None:
-        raise ExportError("torch.onnx.export returned no program")
-    model: ir.Model = program.model
+    if _is_offloaded(compiled):
+        model = _export_offloaded(compiled, signature)
+    else:
+        model = _export(compiled.graph_module, signature, compiled.kv_layout, optimize=True)
     k_major = merged = 0
     if layout is OnnxLayout.ORT:
         k_major = int4_weights_k_major(model)
@@ -178,6 +166,87 @@ def _lower(compiled: CompiledModel, layout: OnnxLayout) -> tuple[ir.Model, OnnxE
     if layout is OnnxLayout.ORT:
         merged = merge_parallel_matmuls(model)
     return model, OnnxExport(Path(), layout, packed, k_major, 0, merged)
+
+
+def _export(
+    graph_module: torch.fx.GraphModule, signature: GraphSignature, kv_layout: KVCacheLayout | None, optimize: bool
+) -> ir.Model:
+    """``torch.onnx.export`` of the graph, a causal LM's inputs and outputs named as runtimes
+    expect (any other graph keeps its own)."""
+    input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
+    try:
+        with warnings.catch_warnings():
+            # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                graph_module,
+                signature.args,
+                kwargs=signature.kwargs or None,
+                dynamo=True,
+                opset_version=OPSET,
+                custom_translation_table=TRANSLATION_TABLE,
+                dynamic_shapes=signature.dynamic_shapes,
+                input_names=input_names,
+                output_names=output_names,
+                optimize=optimize,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; keep the cause
+        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    model: ir.Model = program.model
+    return model
+
+
+def _is_offloaded(compiled: CompiledModel) -> bool:
+    return compiled.offloaded is not None and bool(compiled.offloaded.files)
+
+
+def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.Model:
+    """Export a graph whose blocks' tensors are on disk without reading them: the graph is
+    traced on meta tensors, then each initializer reads its data (from the store, or the
+    tensor in memory) only when the model is saved, one tensor at a time."""
+    graph_module, store = compiled.graph_module, compiled.offloaded
+    assert store is not None  # _is_offloaded checked it
+    in_memory: dict[str, torch.Tensor] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and str(node.target) not in in_memory:
+            tensor = fetch_tensor(graph_module, str(node.target))
+            if tensor.device.type != "meta":
+                in_memory[str(node.target)] = tensor
+                replace_tensor(graph_module, str(node.target), torch.empty_like(tensor, device="meta"))
+    retarget_devices(graph_module, "cpu", "meta")
+    try:
+        meta_signature = dataclasses.replace(
+            signature, args=pytree.tree_map(lambda value: _on_meta(value), signature.args)
+        )
+        # The optimizer folds constants: it would read every weight. ONNX Runtime folds them when loading.
+        model = _export(graph_module, meta_signature, compiled.kv_layout, optimize=False)
+    finally:
+        retarget_devices(graph_module, "meta", "cpu")
+        for target, tensor in in_memory.items():
+            replace_tensor(graph_module, target, tensor)
+    for name, value in model.graph.initializers.items():
+        placeholder = value.const_value
+        assert placeholder is not None  # an initializer holds a tensor
+        if name in in_memory:
+            value.const_value = ir.tensor(in_memory[name].detach().numpy(), name=name)
+        elif name in store.files:
+            read = functools.partial(_read_offloaded, store, name)
+            shape = ir.Shape(placeholder.shape.numpy())
+            value.const_value = ir.LazyTensor(read, dtype=placeholder.dtype, shape=shape, name=name)
+        else:
+            raise ExportError(f"initializer {name} is neither in memory nor in the offload folder {store.folder}")
+    return model
+
+
+def _on_meta(value: object) -> object:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _read_offloaded(store: TensorStore, name: str) -> ir.TensorProtocol:
+    return ir.tensor(store.load(name).numpy(), name=name)
 
 
 # A fused model's logits must stay within this relative max difference of the compiled
@@ -231,16 +300,19 @@ def _logit_errors(compiled: CompiledModel, path: Path) -> dict[str, float] | str
     }
 
 
-def _save_checked(model: ir.Model, destination: Path, verify: Callable[[Path], str] | None = None) -> str:
-    """Save next to ``destination``, run the full checker and ``verify`` (which returns why the
-    staged model is wrong, or ""), then move into place; return ``verify``'s refusal, the
-    model not moved."""
+def _save_checked(
+    model: ir.Model, destination: Path, verify: Callable[[Path], str] | None = None, external: bool = False
+) -> str:
+    """Save next to ``destination`` (the tensors in an external data file if ``external`` or
+    over 2 GB), run the full checker and ``verify`` (which returns why the staged model is
+    wrong, or ""), then move into place; return ``verify``'s refusal, the model not moved."""
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         staged = staging / destination.name
         size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
-        external = f"{destination.name}.data" if size >= EXTERNAL_DATA_THRESHOLD else None
-        ir.save(model, staged, external_data=external)
+        data_file = f"{destination.name}.data" if external or size >= EXTERNAL_DATA_THRESHOLD else None
+        # Tensors are computed (read, transposed, packed) as they are written, a few at a time.
+        ir.save(model, staged, external_data=data_file, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except onnx.checker.ValidationError as error:

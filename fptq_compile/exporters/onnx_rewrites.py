@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -29,19 +31,31 @@ def _blocked_dequantize_nodes(model: ir.Model) -> list[ir.Node]:
     ]
 
 
-def _constant(value: ir.Value | None, node: ir.Node) -> np.ndarray | None:
+def _constant(value: ir.Value | None, node: ir.Node) -> ir.TensorProtocol | None:
     if value is None:
         return None
     if value.const_value is None:
         raise ExportError(f"{node.name}: int4 weight input {value.name} is not an initializer")
-    return value.const_value.numpy()
+    return value.const_value
 
 
-def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    tensor = ir.tensor(array, name=value.name)
-    value.const_value = tensor
-    value.dtype = tensor.dtype
-    value.shape = ir.Shape(array.shape)
+def _derive(
+    value: ir.Value,
+    source: ir.TensorProtocol,
+    function: Callable[[np.ndarray], np.ndarray],
+    dtype: ir.DataType,
+    shape: Sequence[int],
+) -> None:
+    """Make ``value`` hold ``function`` of ``source``'s data, computed when the data is read
+    (when the model is saved), so that a big model's weights are never all in memory."""
+    name = value.name
+
+    def compute() -> ir.TensorProtocol:
+        return ir.tensor(function(source.numpy()), name=name)
+
+    value.const_value = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+    value.dtype = dtype
+    value.shape = ir.Shape(shape)
 
 
 # Names the W4A8 pass gives int4 weight tensors (int8 weight-only codes end in ``_weight_int8``).
@@ -53,16 +67,29 @@ def pack_int4_weights(model: ir.Model) -> int:
     packed = 0
     for node in _blocked_dequantize_nodes(model):
         for value in (node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None):
-            array = _constant(value, node)
-            if value is None or array is None or array.dtype != np.int8:
+            tensor = _constant(value, node)
+            if value is None or tensor is None or tensor.dtype != ir.DataType.INT8:
                 continue
             if not (value.name or "").endswith(INT4_TENSOR_SUFFIXES):
                 continue
-            if array.min() < -8 or array.max() > 7:
-                raise ExportError(f"{node.name}: {value.name} holds values outside int4 [-8, 7]")
-            _set_constant(value, array.astype(ml_dtypes.int4))
+            _derive(value, tensor, functools.partial(_as_int4, name=value.name), ir.DataType.INT4, _dims(tensor))
             packed += 1
     return packed
+
+
+def _dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    """An initializer's shape (always static)."""
+    return tuple(int(dim) for dim in tensor.shape.numpy())
+
+
+def _as_int4(array: np.ndarray, name: str | None) -> np.ndarray:
+    if array.min() < -8 or array.max() > 7:
+        raise ExportError(f"{name} holds values outside int4 [-8, 7]")
+    return array.astype(ml_dtypes.int4)
+
+
+def _transposed(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array.T)
 
 
 def int4_weights_k_major(model: ir.Model) -> int:
@@ -77,9 +104,9 @@ def int4_weights_k_major(model: ir.Model) -> int:
         if list(transpose.attributes["perm"].as_ints()) != [1, 0]:
             continue
         for value in node.inputs:
-            array = _constant(value, node)
-            if value is not None and array is not None:
-                _set_constant(value, np.ascontiguousarray(array.T))
+            tensor = _constant(value, node)
+            if value is not None and tensor is not None:
+                _derive(value, tensor, _transposed, tensor.dtype, _dims(tensor)[::-1])
         node.attributes["axis"] = ir.AttrInt64("axis", 0)
         output = node.outputs[0]
         output.shape = ir.Shape(list(reversed(list(output.shape)))) if output.shape is not None else None
@@ -149,20 +176,20 @@ def typed_like(value: ir.Value, like: ir.Value, shape: ir.Shape | None = None) -
 @dataclass(frozen=True)
 class _ConstantMatMul:
     """A MatMul whose right operand is constant: a float ``[K, N]`` initializer, or a blocked
-    ``DequantizeLinear(axis=0)`` of initializers (``arrays``: codes, scale, zero point)."""
+    ``DequantizeLinear(axis=0)`` of initializers (``tensors``: codes, scale, zero point)."""
 
     matmul: ir.Node
     dequantize: ir.Node | None
-    arrays: tuple[np.ndarray, ...]
+    tensors: tuple[ir.TensorProtocol, ...]
 
     @property
     def out_features(self) -> int:
-        return int(self.arrays[0].shape[1])
+        return _dims(self.tensors[0])[1]
 
     def merge_key(self) -> tuple[object, ...]:
         """Equal for MatMuls that one wider MatMul can replace: same block size, dtypes and K."""
         block = None if self.dequantize is None else self.dequantize.attributes.get_int("block_size", 0)
-        return (block, tuple((array.dtype, array.shape[0]) for array in self.arrays))
+        return (block, tuple((tensor.dtype, _dims(tensor)[0]) for tensor in self.tensors))
 
 
 def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
@@ -170,8 +197,8 @@ def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
     if weight is None:
         return None
     if weight.const_value is not None:
-        array = weight.const_value.numpy()
-        return _ConstantMatMul(node, None, (array,)) if array.ndim == 2 else None
+        tensor = weight.const_value
+        return _ConstantMatMul(node, None, (tensor,)) if len(tensor.shape) == 2 else None
     dequantize = weight.producer()
     if (
         dequantize is None
@@ -181,10 +208,10 @@ def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
         or len(weight.uses()) != 1
     ):
         return None
-    arrays = [value.const_value.numpy() if value and value.const_value else None for value in dequantize.inputs]
-    if any(array is None for array in arrays):
+    tensors = [value.const_value if value else None for value in dequantize.inputs]
+    if any(tensor is None for tensor in tensors):
         return None
-    return _ConstantMatMul(node, dequantize, tuple(array for array in arrays if array is not None))
+    return _ConstantMatMul(node, dequantize, tuple(tensor for tensor in tensors if tensor is not None))
 
 
 def merge_parallel_matmuls(model: ir.Model) -> int:
@@ -220,21 +247,32 @@ def merge_parallel_matmuls(model: ir.Model) -> int:
     return merged
 
 
-def constant_initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+def constant_initializer(model: ir.Model, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
     """The initializer ``name`` holding ``array``, registered on first use (later calls reuse it)."""
     if name in model.graph.initializers:
         return model.graph.initializers[name]
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    tensor = ir.tensor(array, name=name) if isinstance(array, np.ndarray) else array
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(_dims(tensor)), type=ir.TensorType(tensor.dtype))
     model.graph.register_initializer(value)
     return value
 
 
+def _concatenated(tensors: Sequence[ir.TensorProtocol], name: str) -> ir.LazyTensor:
+    """``tensors`` side by side (along axis 1), concatenated when the data is read."""
+
+    def compute() -> ir.TensorProtocol:
+        return ir.tensor(np.concatenate([tensor.numpy() for tensor in tensors], axis=1), name=name)
+
+    shape = ir.Shape([_dims(tensors[0])[0], sum(_dims(tensor)[1] for tensor in tensors)])
+    return ir.LazyTensor(compute, dtype=tensors[0].dtype, shape=shape, name=name)
+
+
 def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMatMul], prefix: str) -> None:
     first = group[0]
-    concatenated = [np.concatenate(arrays, axis=1) for arrays in zip(*(member.arrays for member in group), strict=True)]
+    roles = zip("wsz", zip(*(member.tensors for member in group), strict=True), strict=False)
     weights = [
-        constant_initializer(model, f"{prefix}_{role}", array) for role, array in zip("wsz", concatenated, strict=False)
+        constant_initializer(model, f"{prefix}_{role}", _concatenated(tensors, f"{prefix}_{role}"))
+        for role, tensors in roles
     ]
     if first.dequantize is None:
         weight = weights[0]
@@ -247,7 +285,8 @@ def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMat
     model.graph.insert_before(first.matmul, matmul)
     output = first.matmul.outputs[0]
     assert output.shape is not None  # merge_parallel_matmuls checked it
-    typed_like(matmul.outputs[0], output, ir.Shape([*list(output.shape)[:-1], concatenated[0].shape[1]]))
+    out_features = sum(member.out_features for member in group)
+    typed_like(matmul.outputs[0], output, ir.Shape([*list(output.shape)[:-1], out_features]))
     axes = constant_initializer(model, f"{prefix}_axes", np.array([2], dtype=np.int64))
     steps = constant_initializer(model, f"{prefix}_steps", np.array([1], dtype=np.int64))
     start = 0
