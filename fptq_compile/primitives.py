@@ -93,27 +93,36 @@ def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_int4_groups(
-    weight: torch.Tensor, group_size: int, symmetric: bool = True, clip_ratios: Sequence[float] = ()
+    weight: torch.Tensor,
+    group_size: int,
+    symmetric: bool = True,
+    clip_ratios: Sequence[float] = (),
+    importance: torch.Tensor | None = None,
 ) -> WeightGroups:
     """Round-to-nearest int4 quantization of ``weight [N, K]`` in groups along K.
 
     With ``clip_ratios``, each group's range is also tried shrunk to each of those
     fractions, and each group keeps the one whose dequantized values have the smallest
-    squared error (MSE-searched clipping). Zero padding of a partial last group never
-    changes its range: symmetric groups use absmax, asymmetric ranges always include zero.
+    squared error (MSE-searched clipping). ``importance [K]`` weights each input column's
+    squared error: with the mean square of the inputs (the Hessian's diagonal), the search
+    minimizes the output error a group adds, not its weight error. Zero padding of a
+    partial last group never changes its range: symmetric groups use absmax, asymmetric
+    ranges always include zero.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     if group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
     weight = weight.detach().to(torch.float32)
+    if importance is not None and importance.shape != (weight.shape[1],):
+        raise ValueError(f"importance {tuple(importance.shape)} does not match weight {tuple(weight.shape)}")
     best = _quantize_int4_clipped(weight, group_size, symmetric, 1.0)
     if not clip_ratios:
         return best
-    best_error = _group_squared_error(weight, best)
+    best_error = _group_squared_error(weight, best, importance)
     for ratio in clip_ratios:
         candidate = _quantize_int4_clipped(weight, group_size, symmetric, ratio)
-        error = _group_squared_error(weight, candidate)
+        error = _group_squared_error(weight, candidate, importance)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         codes = torch.where(expand_groups(better, group_size, weight.shape[1]), candidate.codes, best.codes)
@@ -152,10 +161,16 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
     return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
 
 
-def _group_squared_error(weight: torch.Tensor, groups: WeightGroups) -> torch.Tensor:
-    """Per group ``[N, n_groups]``: the squared error of the dequantized weight."""
+def _group_squared_error(
+    weight: torch.Tensor, groups: WeightGroups, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per group ``[N, n_groups]``: the squared error of the dequantized weight, each input
+    column's weighted by ``importance`` when given."""
     restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
-    return _group_view((restored - weight).square(), groups.group_size).sum(dim=-1)
+    squared = (restored - weight).square()
+    if importance is not None:
+        squared = squared * importance.to(torch.float32)
+    return _group_view(squared, groups.group_size).sum(dim=-1)
 
 
 def dequantize_groups(

@@ -90,3 +90,21 @@ def test_clip_search_never_loses_to_the_full_range_and_wins_on_gaussian_weights(
     assert searched.codes.min() >= -8 and searched.codes.max() <= 7
     assert bool((group_errors(searched) <= full).all())
     assert float(group_errors(searched).sum()) < float(full.sum())
+
+
+def test_clip_search_with_importance_minimizes_the_weighted_error():
+    from fptq_compile.primitives import _group_squared_error, quantize_int4_groups
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=generator)
+    # A few inputs carry most of the energy, as outlier channels do.
+    importance = torch.ones(128)
+    importance[torch.randperm(128, generator=generator)[:6]] = 100.0
+    ratios = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    weighted = quantize_int4_groups(weight, 32, False, ratios, importance=importance)
+    plain = quantize_int4_groups(weight, 32, False, ratios)
+    weighted_error = _group_squared_error(weight, weighted, importance)
+    assert bool((weighted_error <= _group_squared_error(weight, plain, importance)).all())
+    assert float(weighted_error.sum()) < float(_group_squared_error(weight, plain, importance).sum())
+    with pytest.raises(ValueError, match="importance"):
+        quantize_int4_groups(weight, 32, False, ratios, importance=torch.ones(5))

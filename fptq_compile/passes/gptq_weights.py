@@ -56,8 +56,11 @@ def gptq_weights(
         weights = [float_weight(graph_module, linear, layer).detach().to(torch.float32) for linear, layer in members]
         # One solve for the group: GPTQ treats output rows independently under one Hessian.
         stacked = torch.cat(weights)
-        # GPTQ keeps round to nearest's grid (clipping included) and re-chooses the codes.
-        nearest = quantize_int4_groups(stacked, spec.group_size, spec.symmetric, spec.clip_ratios)
+        # GPTQ keeps round to nearest's grid and re-chooses the codes. The grid's clipping is
+        # searched on the output error the Hessian's diagonal predicts, not the weight error.
+        nearest = quantize_int4_groups(
+            stacked, spec.group_size, spec.symmetric, spec.clip_ratios, importance=hessian.diagonal()
+        )
         try:
             solved = gptq_int4_groups(
                 stacked,
