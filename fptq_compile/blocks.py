@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from fptq_compile.capture import LinearSite, find_linear_sites
 from fptq_compile.errors import UnsupportedGraphError
-from fptq_compile.graph_utils import replace_tensor
+from fptq_compile.graph_utils import fetch_tensor, replace_tensor
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 """The positional and keyword inputs of one call of a block."""
@@ -188,6 +188,12 @@ def capture_block(blocks: DecoderBlocks, call: BlockCall, block: nn.Module | Non
             f"({type(blocks.layers[0]).__name__}): {type(error).__name__}: {error}"
         ) from error
     graph_module = exported.module()
+    # The graph is a template that bind() gives each block's tensors: it keeps none of block
+    # 0's (a big model's block is hundreds of MB), only their shapes and dtypes.
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and _own_tensor(module, str(node.target)) is not None:
+            tensor = fetch_tensor(graph_module, str(node.target))
+            replace_tensor(graph_module, str(node.target), torch.empty_like(tensor, device="meta"))
     return BlockGraph(graph_module, find_linear_sites(graph_module))
 
 
