@@ -60,6 +60,11 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
     """
     from fptq_compile import __version__
 
+    if compiled.offloaded is not None and compiled.offloaded.files:
+        raise ExportError(
+            "this model was compiled offloaded (its blocks' tensors are on disk): saving it is not supported yet; "
+            "export it with export_onnx, or call in_memory() first if it fits in memory"
+        )
     folder = Path(directory)
     graph_module = compiled.graph_module
     signature = compiled.example_signature()

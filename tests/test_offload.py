@@ -9,11 +9,13 @@ import torch
 from conftest import tiny_llama
 
 import fptq_compile as fptq
-from fptq_compile.errors import ModelLoadError
+from fptq_compile.errors import ExportError, ModelLoadError
+from fptq_compile.exporters import export_folder
 from fptq_compile.exporters.onnx_qdq import OnnxLayout, export_onnx
 from fptq_compile.graph_utils import fetch_tensor
 from fptq_compile.offload import block_in_memory, is_offloaded, load_offloaded
 from fptq_compile.runtime import OrtCausalLM
+from fptq_compile.saving import save_compiled
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,15 @@ def test_an_offloaded_model_exports_without_reading_its_blocks_into_the_graph(ch
     expected_decode, _ = expected.step(ids[:, -1:], expected_past)
     for actual, reference in ((prefill, expected_prefill), (decode, expected_decode)):
         assert float((actual - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_an_offloaded_compile_is_not_saved_half_way(checkpoint, token_ids, tmp_path):
+    folder, _ = checkpoint
+    nearest = fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST)
+    config = fptq.CompileConfig(calibrate_by_block=True, weights=nearest)
+    offloaded = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False)
+    with pytest.raises(ExportError, match="offloaded"):
+        save_compiled(offloaded, tmp_path)
+    with pytest.raises(ExportError, match="offloaded"):
+        export_folder(offloaded, None, tmp_path / "out")
+    assert not list(tmp_path.iterdir())

@@ -50,6 +50,12 @@ def export_folder(
     ``perplexity``); ``extra_files`` maps more file names to their text. A failure leaves
     nothing under ``destination``.
     """
+    if compiled.offloaded is not None and compiled.offloaded.files:
+        # Refused before the export: the folder's saved compiled model cannot be written.
+        raise ExportError(
+            "an output folder holds the saved compiled model, which an offloaded compile cannot write yet: "
+            "use export_onnx for the ONNX model alone"
+        )
     steps = StepProgress("export", ("onnx", "tokenizer and configs", "compiled model", "report"), progress)
     with atomic_directory(destination, overwrite=overwrite) as staging:
         with steps.step("onnx"):
