@@ -421,7 +421,8 @@ def _transform_by_block(
                 replace_tensor(graph_module, target, block.tensors[target.removeprefix(prefix)])
         block_plan = plan.restricted_to(block.linears)
         for transform in _with_gptq(passes, block.stats, config) if uses_gptq else passes:
-            result = run_pass(transform, graph_module, block_plan)
+            # Recompiling the whole graph after every pass of every block would cost O(blocks²).
+            result = run_pass(transform, graph_module, block_plan, recompile=False)
             _merge_report(reports.setdefault(pass_name(transform), {}), result)
         drop_unused_attributes(graph_module)  # the block's float weights, once quantized
         finished = [
@@ -431,6 +432,8 @@ def _transform_by_block(
         ]
         store.offload(graph_module, finished, f"block_{block.index:05d}.safetensors")
         del block  # its float tensors, before the next block is read
+    graph_module.graph.lint()
+    graph_module.recompile()
     return reports
 
 

@@ -32,8 +32,10 @@ def pass_name(transform: Callable[..., Any]) -> str:
     return getattr(function, "__name__", type(function).__name__)
 
 
-def run_pass(transform: Pass, graph_module: fx.GraphModule, plan: QuantPlan) -> PassResult:
-    """Run one pass; name it in any error; lint and recompile the graph it changed."""
+def run_pass(transform: Pass, graph_module: fx.GraphModule, plan: QuantPlan, recompile: bool = True) -> PassResult:
+    """Run one pass; name it in any error; drop the nodes it left unused and (with
+    ``recompile``) lint and recompile the graph it changed. A caller running many passes on
+    one big graph recompiles once at the end instead."""
     name = pass_name(transform)
     try:
         result = transform(graph_module, plan)
@@ -45,6 +47,7 @@ def run_pass(transform: Pass, graph_module: fx.GraphModule, plan: QuantPlan) -> 
         raise PassError(f"[{name}] returned {type(result).__name__}, expected PassResult")
     if result.modified:
         result.graph_module.graph.eliminate_dead_code()
-        result.graph_module.graph.lint()
-        result.graph_module.recompile()
+        if recompile:
+            result.graph_module.graph.lint()
+            result.graph_module.recompile()
     return result
