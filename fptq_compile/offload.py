@@ -15,7 +15,10 @@ reference to it. For a model in memory it is the block itself.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +85,25 @@ def blocks_on_disk(model: nn.Module) -> dict[str, str]:
         else:
             device_map[owner] = "cpu"
     return device_map
+
+
+# glibc's M_MMAP_THRESHOLD: allocations from this size up get their own mapping, returned to
+# the system when freed. By default glibc raises the threshold as big blocks are freed, after
+# which a block's freed weights, activations and Hessians stay in a fragmented heap: measured
+# on a 0.5 B-parameter Llama, peak RSS 3.74 GiB by default, 2.25 GiB with a 64 KiB threshold
+# (compile 119 s against 164 s on this shared machine).
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 64 * 1024
+
+
+def return_freed_memory_at_once() -> bool:
+    """Make glibc give big freed blocks back to the system at once (for the whole process,
+    from now on), so that compiling block by block holds one block's memory rather than the
+    heap's high-water mark. Returns whether it could (glibc only)."""
+    library = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or library is None:
+        return False
+    mallopt = getattr(ctypes.CDLL(library), "mallopt", None)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def is_offloaded(module: nn.Module) -> bool:

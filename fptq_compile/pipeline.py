@@ -35,7 +35,7 @@ from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
 from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor, replace_tensor
 from fptq_compile.models import LoadedModel
-from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded
+from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
@@ -357,6 +357,8 @@ def compile(
     offloaded = isinstance(causal_lm, nn.Module) and is_offloaded(causal_lm)
     if offloaded and config.kv_cache_int8:
         raise ConfigError("an int8 KV cache is not yet compiled for a model with its blocks on disk (offloaded)")
+    if offloaded:
+        return_freed_memory_at_once()  # each block's freed tensors leave, not only the first's
     transform_steps = ["quantize_blocks"] if offloaded else [*map(pass_name, passes), *(["gptq_weights"] * uses_gptq)]
     steps = StepProgress("compile", (*_analysis_steps(config), *transform_steps), progress)
     # Capture, calibrate, plan: what happens to every linear, decided before any edit. An
