@@ -97,7 +97,8 @@ def _inverse_hessian_factor(
     Hessian with its rows and columns in ``order`` and a unit diagonal at the ``dead``
     inputs. Each float64 intermediate is dropped as soon as it is used: a big model's
     down_proj Hessian is ~600 MB in float64."""
-    permuted = hessian.to(torch.float64)[order][:, order]
+    # Permuted in the Hessian's own precision, then widened: one float64 copy, not three.
+    permuted = hessian[order][:, order].to(torch.float64)
     permuted[dead, dead] = 1.0
     permuted.diagonal().add_(damp * permuted.diagonal().mean())
     lower, info = torch.linalg.cholesky_ex(permuted)
