@@ -42,24 +42,49 @@ def gptq_int4_groups(
         raise ValueError(f"weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
     if nearest.codes.shape != weight.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and its groups {tuple(nearest.codes.shape)} do not match")
-    grid, group_size = nearest, nearest.group_size
     in_features = weight.shape[1]
-    scale = expand_groups(grid.scale, group_size, in_features)
-    zero_point = torch.zeros_like(scale)
-    if grid.zero_point is not None:
-        zero_point = expand_groups(grid.zero_point, group_size, in_features).to(torch.float32)
-
-    # Work on W^T: one input column is one contiguous row.
-    remaining = weight.detach().to(torch.float32).t().clone()
     # An input that was always zero carries no information: its weights cannot matter.
     diagonal = hessian.diagonal().to(torch.float64)
     dead = diagonal == 0
-    remaining[dead] = 0.0
     diagonal[dead] = 1.0  # as the Hessian gets below
     order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(in_features)
+    upper = _inverse_hessian_factor(hessian.detach(), order, dead[order], damp)
+    # Output rows are independent under one Hessian: solved a chunk at a time, the working
+    # copies stay small for a big model's stacked gate/up weights.
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    rows = max(1, CHUNK_ELEMENTS // in_features)
+    for first in range(0, weight.shape[0], rows):
+        last = min(first + rows, weight.shape[0])
+        zero_point = None if nearest.zero_point is None else nearest.zero_point[first:last]
+        grid = WeightGroups(nearest.codes[first:last], nearest.scale[first:last], zero_point, nearest.group_size)
+        codes[first:last] = _solve_rows(weight[first:last], grid, order, dead, upper, block_size)
+    return WeightGroups(codes, nearest.scale, nearest.zero_point, nearest.group_size)
+
+
+# Elements of the float working copies GPTQ holds at once (rows of W^T, scales, zero points).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _solve_rows(
+    weight: torch.Tensor,
+    grid: WeightGroups,
+    order: torch.Tensor,
+    dead: torch.Tensor,
+    upper: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The int8-held int4 codes GPTQ chooses for the rows of ``weight`` on ``grid``, the
+    columns visited in ``order`` against the inverse-Hessian factor ``upper``."""
+    in_features = weight.shape[1]
+    scale = expand_groups(grid.scale, grid.group_size, in_features)
+    zero_point = torch.zeros_like(scale)
+    if grid.zero_point is not None:
+        zero_point = expand_groups(grid.zero_point, grid.group_size, in_features).to(torch.float32)
+    # Work on W^T: one input column is one contiguous row.
+    remaining = weight.detach().to(torch.float32).t().clone()
+    remaining[dead] = 0.0
     remaining = remaining[order]
     scale, zero_point = scale.t()[order].contiguous(), zero_point.t()[order].contiguous()
-    upper = _inverse_hessian_factor(hessian.detach(), order, dead[order], damp)
 
     codes = torch.empty_like(remaining)
     for start in range(0, in_features, block_size):
@@ -78,9 +103,7 @@ def gptq_int4_groups(
             block[row:].addr_(upper[index, index:stop], error, alpha=-1.0)
         # Lazy batch update: the rest of the matrix absorbs the whole block's error at once.
         remaining[stop:].addmm_(upper[start:stop, stop:].t(), errors, alpha=-1.0)
-
-    inverse_order = torch.argsort(order)
-    return WeightGroups(codes[inverse_order].t().to(torch.int8).contiguous(), grid.scale, grid.zero_point, group_size)
+    return codes[torch.argsort(order)].t().to(torch.int8)
 
 
 def output_error(weight: torch.Tensor, restored: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

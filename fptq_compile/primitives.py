@@ -92,6 +92,10 @@ def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return padded.reshape(out_features, n_groups, group_size)
 
 
+# Elements of a weight quantized at once: bigger weights go a chunk of rows at a time.
+CHUNK_ELEMENTS = 1 << 23
+
+
 def quantize_int4_groups(
     weight: torch.Tensor,
     group_size: int,
@@ -116,6 +120,20 @@ def quantize_int4_groups(
     weight = weight.detach().to(torch.float32)
     if importance is not None and importance.shape != (weight.shape[1],):
         raise ValueError(f"importance {tuple(importance.shape)} does not match weight {tuple(weight.shape)}")
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+    if weight.shape[0] > rows:
+        # Rows are quantized independently: a chunk at a time, the search's copies stay small.
+        chunks = [
+            quantize_int4_groups(weight[first : first + rows], group_size, symmetric, clip_ratios, importance)
+            for first in range(0, weight.shape[0], rows)
+        ]
+        zero_points = [chunk.zero_point for chunk in chunks]
+        return WeightGroups(
+            torch.cat([chunk.codes for chunk in chunks]),
+            torch.cat([chunk.scale for chunk in chunks]),
+            None if zero_points[0] is None else torch.cat(zero_points),  # type: ignore[arg-type]
+            group_size,
+        )
     best = _quantize_int4_clipped(weight, group_size, symmetric, 1.0)
     if not clip_ratios:
         return best

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fptq_compile import gptq
 from fptq_compile.gptq import HessianNotPositiveDefinite, gptq_int4_groups, output_error
 from fptq_compile.primitives import dequantize_groups, quantize_int4_groups
 
@@ -80,3 +81,15 @@ def test_a_hessian_without_a_cholesky_factor_is_refused():
         gptq_int4_groups(weight, torch.eye(6), nearest)
     with pytest.raises(ValueError, match="do not match"):
         gptq_int4_groups(weight, torch.eye(8), quantize_int4_groups(torch.randn(4, 6), 8, False))
+
+
+def test_rows_solved_a_chunk_at_a_time_give_the_same_codes(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 64, generator=generator)
+    inputs = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    hessian = inputs.t() @ inputs / 256
+    nearest = quantize_int4_groups(weight, 16, False, (0.9, 0.8))
+    whole = gptq_int4_groups(weight, hessian, nearest)
+    monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk: the last one partial
+    chunked = gptq_int4_groups(weight, hessian, nearest)
+    assert torch.equal(chunked.codes, whole.codes)

@@ -108,3 +108,16 @@ def test_clip_search_with_importance_minimizes_the_weighted_error():
     assert float(weighted_error.sum()) < float(_group_squared_error(weight, plain, importance).sum())
     with pytest.raises(ValueError, match="importance"):
         quantize_int4_groups(weight, 32, False, ratios, importance=torch.ones(5))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rows_quantized_a_chunk_at_a_time_give_the_same_groups(monkeypatch, symmetric):
+    weight = torch.randn(30, 64, generator=torch.Generator().manual_seed(4))
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(5))
+    whole = primitives.quantize_int4_groups(weight, 16, symmetric, (0.9, 0.8), importance)
+    monkeypatch.setattr(primitives, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk: the last one partial
+    chunked = primitives.quantize_int4_groups(weight, 16, symmetric, (0.9, 0.8), importance)
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scale, whole.scale)
+    assert (chunked.zero_point is None) == symmetric
+    if not symmetric:
+        assert torch.equal(chunked.zero_point, whole.zero_point)
