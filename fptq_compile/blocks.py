@@ -106,11 +106,15 @@ def check_blocks_share_inputs(model: nn.Module, blocks: DecoderBlocks, token_ids
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append(kwargs)
+        if len(seen) == len(blocks):
+            raise _ReachedBlock  # the last block's inputs are known: no need to run it or the head
 
     handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in blocks.layers]
     try:
         with torch.no_grad():
             model(input_ids=token_ids, use_cache=False)
+    except _ReachedBlock:
+        pass
     finally:
         for handle in handles:
             handle.remove()
