@@ -75,6 +75,11 @@ def add_constant(graph_module: fx.GraphModule, name: str, tensor: torch.Tensor, 
         return graph_module.graph.get_attr(name)
 
 
+def attribute_targets(graph_module: fx.GraphModule) -> list[str]:
+    """The tensors the graph reads, by attribute path, each once, in graph order."""
+    return list(dict.fromkeys(str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"))
+
+
 def drop_unused_attributes(graph_module: fx.GraphModule) -> int:
     """Delete parameters and buffers no ``get_attr`` node reads; return how many.
 
@@ -82,7 +87,7 @@ def drop_unused_attributes(graph_module: fx.GraphModule) -> int:
     model are shared, not owned): after folding and quantization the float weights it
     no longer reads would otherwise stay alive inside the compiled model.
     """
-    used = {str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"}
+    used = set(attribute_targets(graph_module))
     named = [name for name, _ in graph_module.named_parameters(remove_duplicate=False)]
     named += [name for name, _ in graph_module.named_buffers(remove_duplicate=False)]
     removed = 0

@@ -34,7 +34,7 @@ from torch import fx, nn
 from fptq_compile.blocks import find_blocks
 from fptq_compile.capture import CapturedModel, capture, graph_attribute
 from fptq_compile.errors import ModelLoadError, UnsupportedGraphError
-from fptq_compile.graph_utils import fetch_tensor, replace_tensor
+from fptq_compile.graph_utils import attribute_targets, fetch_tensor, replace_tensor
 from fptq_compile.models import LoadedModel
 
 
@@ -189,7 +189,7 @@ def capture_offloaded(model: nn.Module) -> CapturedModel:
     graph_module = captured.graph_module
     in_memory = {name: tensor for name, tensor in model.state_dict().items() if tensor.device.type != "meta"}
     blocks = find_blocks(model)
-    for target in sorted({str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"}):
+    for target in attribute_targets(graph_module):
         tensor = fetch_tensor(graph_module, target)
         if tensor.device.type != "meta":
             continue

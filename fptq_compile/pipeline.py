@@ -33,7 +33,7 @@ from fptq_compile.capture import (
 )
 from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
-from fptq_compile.graph_utils import drop_unused_attributes, fetch_tensor, replace_tensor
+from fptq_compile.graph_utils import attribute_targets, drop_unused_attributes, fetch_tensor, replace_tensor
 from fptq_compile.models import LoadedModel
 from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
@@ -414,11 +414,11 @@ def _transform_by_block(
     """Run ``passes`` on the whole graph one decoder block at a time: the block's tensors are
     read into the graph, the passes transform its slice of the plan, and the tensors it then
     reads are written to ``store`` (``meta`` tensors left in their place)."""
-    in_memory = {target for target in _attribute_targets(graph_module) if not _is_meta(graph_module, target)}
+    in_memory = {target for target in attribute_targets(graph_module) if not _is_meta(graph_module, target)}
     reports: dict[str, dict[str, Any]] = {}
     for block in blocks_in_turn(model, linears, batches, uses_gptq, progress):
         prefix = f"{graph_attribute(block.path)}."
-        for target in _attribute_targets(graph_module):
+        for target in attribute_targets(graph_module):
             if target.startswith(prefix):
                 replace_tensor(graph_module, target, block.tensors[target.removeprefix(prefix)])
         block_plan = plan.restricted_to(block.linears)
@@ -429,7 +429,7 @@ def _transform_by_block(
         drop_unused_attributes(graph_module)  # the block's float weights, once quantized
         finished = [
             target
-            for target in _attribute_targets(graph_module)
+            for target in attribute_targets(graph_module)
             if target not in in_memory and not _is_meta(graph_module, target)
         ]
         store.offload(graph_module, finished, f"block_{block.index:05d}.safetensors")
@@ -437,11 +437,6 @@ def _transform_by_block(
     graph_module.graph.lint()
     graph_module.recompile()
     return reports
-
-
-def _attribute_targets(graph_module: fx.GraphModule) -> list[str]:
-    """The tensors the graph reads, by attribute path (each once)."""
-    return list(dict.fromkeys(str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"))
 
 
 def _is_meta(graph_module: fx.GraphModule, target: str) -> bool:

@@ -47,7 +47,7 @@ from fptq_compile.exporters.onnx_rewrites import (
     static_qdq_as_unit_scale,
 )
 from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
-from fptq_compile.graph_utils import fetch_tensor, replace_tensor, retarget_devices
+from fptq_compile.graph_utils import attribute_targets, fetch_tensor, replace_tensor, retarget_devices
 from fptq_compile.offload import TensorStore
 from fptq_compile.pipeline import CompiledModel
 
@@ -210,12 +210,11 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.
     graph_module, store = compiled.graph_module, compiled.offloaded
     assert store is not None  # _is_offloaded checked it
     in_memory: dict[str, torch.Tensor] = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr" and str(node.target) not in in_memory:
-            tensor = fetch_tensor(graph_module, str(node.target))
-            if tensor.device.type != "meta":
-                in_memory[str(node.target)] = tensor
-                replace_tensor(graph_module, str(node.target), torch.empty_like(tensor, device="meta"))
+    for target in attribute_targets(graph_module):
+        tensor = fetch_tensor(graph_module, target)
+        if tensor.device.type != "meta":
+            in_memory[target] = tensor
+            replace_tensor(graph_module, target, torch.empty_like(tensor, device="meta"))
     retarget_devices(graph_module, "cpu", "meta")
     try:
         meta_signature = dataclasses.replace(
