@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import collections
 import importlib.util
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,3 +201,17 @@ def write_tiny_model(folder: Path, layers: int = 2) -> Path:
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def op_counts(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def optimized_by_ort(path: Path, folder: Path) -> onnx.ModelProto:
+    """The model at ``path`` as ONNX Runtime CPU runs it, after its own graph fusions (saved in ``folder``)."""
+    from fptq_compile.runtime import session_options
+
+    options = session_options(exact=True)
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(folder / "optimized.onnx")

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import op_counts, optimized_by_ort, tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.errors import ExportError, ModelLoadError
@@ -135,6 +135,8 @@ def test_an_offloaded_model_exports_without_reading_its_blocks_into_the_graph(ch
     if layout is OnnxLayout.ORT:
         assert export.fusions is not None and "compiled offloaded" in export.fusions.unfused_reason
         assert any("compiled offloaded" in str(warning.message) for warning in caught)
+        # Every merged int4 linear (q/k/v, o, gate/up, down) still fuses into MatMulNBits.
+        assert op_counts(optimized_by_ort(export.path, tmp_path))["MatMulNBits"] == 4 * 3
     # The graph still holds meta tensors in the blocks' place: nothing was read back into it.
     assert all(
         fetch_tensor(offloaded.graph_module, target).device.type == "meta" for target in offloaded.offloaded.files

@@ -1,20 +1,18 @@
 from __future__ import annotations
 
-import collections
 import json
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_DECODER, tiny_llama
+from conftest import TINY_DECODER, op_counts, optimized_by_ort, tiny_llama
 
 import fptq_compile as fptq
 from fptq_compile.exporters import OnnxLayout, export_folder, export_onnx
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions
-from fptq_compile.runtime import OrtCausalLM, session_options
+from fptq_compile.runtime import OrtCausalLM
 
 POLICIES = {
     "fptq": fptq.ActivationConfig(
@@ -32,10 +30,6 @@ def _compile(policy: str = "fptq", intermediate: int = 96, group_size: int = 32,
     )
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     return fptq.compile(tiny_llama(intermediate=intermediate), ids, config, progress=False)
-
-
-def _op_counts(model: onnx.ModelProto) -> collections.Counter:
-    return collections.Counter(node.op_type for node in model.graph.node)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def test_structure_int4_weights_and_activation_qdq(fptq_model, tmp_path, layout)
     axes = {next(a.i for a in n.attribute if a.name == "axis") for n in blocked}
     assert axes == ({0} if layout is OnnxLayout.ORT else {1})
     groups = fptq_model.plan.groups
-    counts = _op_counts(model)
+    counts = op_counts(model)
     # One activation Q/DQ chain per group (q/k/v and gate/up share theirs).
     assert counts["QuantizeLinear"] == len(groups) == 8
     # Per-token chains start with Abs (GroupQueryAttention's sequence lengths use ReduceMax too).
@@ -98,22 +92,14 @@ def test_ort_matches_the_torch_reference(tmp_path, policy, layout):
     assert relative < 1e-3
 
 
-def _optimized_by_ort(path, tmp_path) -> onnx.ModelProto:
-    """The model as ONNX Runtime CPU runs it, after its own graph fusions."""
-    options = session_options(exact=True)
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return onnx.load(tmp_path / "optimized.onnx")
-
-
 def test_layouts_ops_domains_and_fusions(fptq_model, tmp_path):
     ort_export = export_onnx(fptq_model, tmp_path / "ort.onnx", OnnxLayout.ORT)
     assert ort_export.fusions == OrtFusions(attention=2, skip_rms_norm=4, rms_norm_restored=1)
-    counts = _op_counts(onnx.load(ort_export.path))
+    counts = op_counts(onnx.load(ort_export.path))
     assert counts["GroupQueryAttention"] == 2 and counts["SkipSimplifiedLayerNormalization"] == 4
     assert counts["Slice"] == 4  # gate and up out of their merged MatMul; q/k/v go packed into the attention
     # Every merged int4 linear fuses into MatMulNBits when ORT loads the model.
-    assert _op_counts(_optimized_by_ort(ort_export.path, tmp_path))["MatMulNBits"] == 8
+    assert op_counts(optimized_by_ort(ort_export.path, tmp_path))["MatMulNBits"] == 8
     qdq_export = export_onnx(fptq_model, tmp_path / "qdq.onnx", OnnxLayout.QDQ)
     assert {node.domain for node in onnx.load(qdq_export.path).graph.node} == {""}  # portable: standard ops only
 
@@ -235,7 +221,7 @@ def test_int8_weight_only_lm_head_runs_as_8_bit_matmul(tmp_path):
     model = onnx.load(result.path)
     (codes,) = [t for t in model.graph.initializer if t.name.endswith("_weight_int8")]
     assert codes.data_type == onnx.TensorProto.INT8  # never packed as int4
-    optimized = _optimized_by_ort(result.path, tmp_path)
+    optimized = optimized_by_ort(result.path, tmp_path)
     bits = sorted(
         a.i for n in optimized.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
     )
@@ -262,7 +248,7 @@ def test_a_fusion_that_changes_the_logits_is_refused_and_the_unfused_graph_expor
     with pytest.warns(UserWarning, match="fusions not applied: the fused graph's prefill logits differ"):
         export = export_onnx(compiled, tmp_path / "model.onnx", OnnxLayout.ORT)
     assert export.fusions is not None and export.fusions.attention == 0
-    assert "GroupQueryAttention" not in _op_counts(onnx.load(export.path))
+    assert "GroupQueryAttention" not in op_counts(onnx.load(export.path))
     session = OrtCausalLM.load(export.path, exact=True)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(9))
     reference = compiled(ids)

@@ -35,6 +35,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from torch.utils import _pytree as pytree
 
 from fptq_compile.capture import GraphSignature, KVCacheLayout
@@ -237,6 +238,10 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.
             value.const_value = ir.LazyTensor(read, dtype=placeholder.dtype, shape=shape, name=name)
         else:
             raise ExportError(f"initializer {name} is neither in memory nor in the offload folder {store.folder}")
+    # Without the optimizer the quantization scales stay Constant nodes; as initializers the
+    # rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does not fuse
+    # the int4 MatMuls and holds every dequantized weight in float).
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     return model
 
 
