@@ -90,16 +90,28 @@ def drop_unused_attributes(graph_module: fx.GraphModule) -> int:
     used = set(attribute_targets(graph_module))
     named = [name for name, _ in graph_module.named_parameters(remove_duplicate=False)]
     named += [name for name, _ in graph_module.named_buffers(remove_duplicate=False)]
-    removed = 0
-    for name in named:
-        if name in used:
-            continue
-        owner_path, _, attribute = name.rpartition(".")
-        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-        if hasattr(owner, attribute):
-            delattr(owner, attribute)
-            removed += 1
-    return removed
+    return sum(_delete_attribute(graph_module, name) for name in named if name not in used)
+
+
+def release_if_unused(graph_module: fx.GraphModule, node: object) -> None:
+    """Erase ``node`` if it is a ``get_attr`` nothing reads any more, and delete its tensor
+    if no other node reads it: a pass that replaces a weight frees the old one at once, not
+    when the pass ends (a big model's block holds several 100 MB weights)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node.users:
+        return
+    target = str(node.target)
+    graph_module.graph.erase_node(node)
+    if target not in attribute_targets(graph_module):
+        _delete_attribute(graph_module, target)
+
+
+def _delete_attribute(graph_module: fx.GraphModule, name: str) -> bool:
+    owner_path, _, attribute = name.rpartition(".")
+    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+    if not hasattr(owner, attribute):
+        return False
+    delattr(owner, attribute)
+    return True
 
 
 def insert_probe(

@@ -420,7 +420,8 @@ def _transform_by_block(
         prefix = f"{graph_attribute(block.path)}."
         for target in attribute_targets(graph_module):
             if target.startswith(prefix):
-                replace_tensor(graph_module, target, block.tensors[target.removeprefix(prefix)])
+                # Handed over: a float weight the passes replace is then held by nothing.
+                replace_tensor(graph_module, target, block.tensors.pop(target.removeprefix(prefix)))
         block_plan = plan.restricted_to(block.linears)
         for transform in _with_gptq(passes, block.stats, config) if uses_gptq else passes:
             # Recompiling the whole graph after every pass of every block would cost O(blocks²).

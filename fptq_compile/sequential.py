@@ -139,7 +139,8 @@ class BlockInTurn:
     path: str
     """Its module path in the model (``model.layers.3``)."""
     tensors: dict[str, torch.Tensor]
-    """Its parameters and buffers, by name within the block."""
+    """Its parameters and buffers, by name within the block (the caller may pop them: the
+    turn keeps no other reference)."""
     linears: frozenset[str]
     """The whole graph's nodes of its quantized linears."""
     stats: ActivationStats
@@ -171,8 +172,10 @@ def blocks_in_turn(
             frozenset(site.node for site in whole.values()),
             ActivationStats(_keyed_by_whole_graph(block_stats, whole)),
         )
-        # Hold nothing of this block while the next one is read (the caller drops its turn too).
+        # The turn alone holds the block's tensors: a weight the passes replace is then freed at
+        # once. The caller drops its turn before the next block is read.
         del bound, block, block_stats
+        _free_block()
         yield in_turn
         del in_turn
         _free_block()

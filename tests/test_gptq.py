@@ -93,3 +93,22 @@ def test_rows_solved_a_chunk_at_a_time_give_the_same_codes(monkeypatch):
     monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk: the last one partial
     chunked = gptq_int4_groups(weight, hessian, nearest)
     assert torch.equal(chunked.codes, whole.codes)
+
+
+def test_a_big_hessian_is_factored_in_float32_to_nearly_the_same_codes(monkeypatch):
+    inputs = _correlated_inputs(1024, 256)
+    hessian = inputs.t() @ inputs / inputs.shape[0]
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(6))
+    nearest = quantize_int4_groups(weight, 64, False)
+    factored = []
+    cholesky_ex = torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda matrix: factored.append(matrix.dtype) or cholesky_ex(matrix)
+    )
+    in_float64 = gptq_int4_groups(weight, hessian, nearest)
+    monkeypatch.setattr(gptq, "FLOAT64_MAX_INPUTS", 255)  # this Hessian now counts as big
+    in_float32 = gptq_int4_groups(weight, hessian, nearest)
+    assert factored == [torch.float64, torch.float32]
+    assert (in_float32.codes != in_float64.codes).float().mean() < 0.01
+    errors = [output_error(weight, _restored(solved), hessian).sum() for solved in (in_float32, in_float64)]
+    assert torch.allclose(errors[0], errors[1], rtol=0.01)

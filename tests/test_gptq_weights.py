@@ -119,3 +119,28 @@ def test_missing_hessians_and_skipped_gptq_are_refused_before_any_edit(captured,
     with pytest.raises(PreconditionError, match="planned for GPTQ weights but they were not quantized"):
         insert_w4a8_qdq(captured.graph_module, plan)
     assert captured.graph_module.code == code
+
+
+def test_report_weight_sqnr_is_the_dequantized_graph_weights_summed_a_chunk_at_a_time(captured, token_ids, monkeypatch):
+    import importlib
+
+    from fptq_compile.graph_utils import fetch_tensor
+
+    pass_module = importlib.import_module("fptq_compile.passes.gptq_weights")  # the package exports the function
+    stats = collect_stats(captured, token_ids, hessians=True)
+    plan = _plan(captured, stats, _config())
+    floats = {
+        layer.node: fetch_tensor(captured.graph_module, _node(captured.graph_module, layer.node).args[1].target)
+        for layer in plan.layers
+    }
+    monkeypatch.setattr(pass_module, "CHUNK_ELEMENTS", 64 * 5)  # 5 rows of 64 inputs a chunk, the last partial
+    report = gptq_weights(captured.graph_module, plan, stats).report
+    for layer in plan.layers:
+        dequantize = _node(captured.graph_module, layer.node).args[1]
+        assert dequantize.target == fptq_ops.dequantize_int4_groups.default
+        arguments = [
+            fetch_tensor(captured.graph_module, a.target) if isinstance(a, torch.fx.Node) else a
+            for a in dequantize.args
+        ]
+        restored = fptq_ops.dequantize_int4_groups(*arguments)
+        assert report["weight_sqnr_db"][layer.node] == pytest.approx(sqnr_db(floats[layer.node], restored), abs=1e-6)

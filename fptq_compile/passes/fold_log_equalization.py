@@ -28,7 +28,14 @@ import torch
 from torch import fx
 
 from fptq_compile.errors import PreconditionError
-from fptq_compile.graph_utils import add_constant, channel_gain, fetch_tensor, find_node, transparent_source
+from fptq_compile.graph_utils import (
+    add_constant,
+    channel_gain,
+    fetch_tensor,
+    find_node,
+    release_if_unused,
+    transparent_source,
+)
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.plan import ActivationClass, ActivationGroup, FoldKind, QuantPlan
@@ -151,6 +158,8 @@ def _apply_fold(graph_module: fx.GraphModule, fold: _Fold) -> None:
 
 
 def _replace_arg(graph_module: fx.GraphModule, node: fx.Node, position: int, value: torch.Tensor, name: str) -> None:
-    """Point ``node.args[position]`` at a new constant holding ``value``."""
-    constant = add_constant(graph_module, name, value, before=node)
-    node.update_arg(position, constant)
+    """Point ``node.args[position]`` at a new constant holding ``value`` (the old one is
+    dropped if nothing else reads it)."""
+    old = node.args[position]
+    node.update_arg(position, add_constant(graph_module, name, value, before=node))
+    release_if_unused(graph_module, old)

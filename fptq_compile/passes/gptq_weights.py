@@ -29,14 +29,14 @@ from torch import fx
 
 from fptq_compile.config import GPTQConfig
 from fptq_compile.errors import CalibrationError, PreconditionError
-from fptq_compile.gptq import HessianNotPositiveDefinite, gptq_int4_groups, output_error
+from fptq_compile.gptq import CHUNK_ELEMENTS, HessianNotPositiveDefinite, gptq_int4_groups, output_error
 from fptq_compile.graph_utils import find_node
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.passes.insert_observers import ActivationStats
 from fptq_compile.passes.insert_w4a8_qdq import float_weight, swap_in_weight_groups
 from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
-from fptq_compile.primitives import WeightGroups, dequantize_groups, quantize_int4_groups, sqnr_db
+from fptq_compile.primitives import WeightGroups, dequantize_groups, quantize_int4_groups
 
 
 def gptq_weights(
@@ -45,18 +45,21 @@ def gptq_weights(
     """Quantize every weight the plan marks ``gptq`` to int4 groups chosen by GPTQ."""
     settings = settings or GPTQConfig()
     # Check every group before the first edit: a refused plan leaves the graph as it was.
-    pending: list[tuple[ActivationGroup, list[tuple[fx.Node, LayerPlan]], torch.Tensor]] = []
+    pending: list[tuple[ActivationGroup, list[tuple[fx.Node, LayerPlan]]]] = []
     for group in plan.groups:
         members = _pending_members(graph_module, plan, group)
         if members:
-            pending.append((group, members, _input_hessian(group, members, stats)))
+            _stored_hessian(members, stats)
+            pending.append((group, members))
 
     report: dict[str, dict[str, float]] = {"weight_sqnr_db": {}, "output_sqnr_db": {}, "rtn_output_sqnr_db": {}}
-    for group, members, hessian in pending:
+    for group, members in pending:
+        # Made per group as it is solved: an LAE group's rescaled Hessian is a copy.
+        hessian = _input_hessian(group, members, stats)
         spec = members[0][1].weight
         weights = [float_weight(graph_module, linear, layer).detach().to(torch.float32) for linear, layer in members]
         # One solve for the group: GPTQ treats output rows independently under one Hessian.
-        stacked = torch.cat(weights)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         # GPTQ keeps round to nearest's grid and re-chooses the codes. The grid's clipping is
         # searched on the output error the Hessian's diagonal predicts, not the weight error.
         nearest = quantize_int4_groups(
@@ -83,6 +86,8 @@ def gptq_weights(
             rows += weight.shape[0]
             swap_in_weight_groups(graph_module, linear, groups, bits=4)
             update_linear_state(linear, weight_quantized=True)
+        # Not held while the next group is solved (a big model's are hundreds of MB each).
+        del hessian, weights, stacked, nearest, solved
     quantized = len(report["weight_sqnr_db"])
     return PassResult(graph_module, modified=bool(pending), report={"gptq_linears": quantized, **report})
 
@@ -118,19 +123,25 @@ def _pending_members(
     return members
 
 
-def _input_hessian(
-    group: ActivationGroup, members: list[tuple[fx.Node, LayerPlan]], stats: ActivationStats
-) -> torch.Tensor:
-    """The Hessian of the input the group's linears read now (after any LAE fold)."""
+def _stored_hessian(members: list[tuple[fx.Node, LayerPlan]], stats: ActivationStats) -> torch.Tensor:
+    """The Hessian the calibration observers measured on the group's input."""
     first = members[0][1]
     hessian = stats.per_linear[first.node].hessian if first.node in stats.per_linear else None
     if hessian is None:
         raise PreconditionError(
             f"no Hessian for {first.node} ({first.module_path}): calibrate with insert_observers(collect_hessians=True)"
         )
+    return hessian
+
+
+def _input_hessian(
+    group: ActivationGroup, members: list[tuple[fx.Node, LayerPlan]], stats: ActivationStats
+) -> torch.Tensor:
+    """The Hessian of the input the group's linears read now (after any LAE fold)."""
+    hessian = _stored_hessian(members, stats)
     if get_linear_state(members[0][0]).lae_folded and group.lae_scale is not None:
         scale = torch.tensor(group.lae_scale, dtype=hessian.dtype)
-        hessian = hessian / torch.outer(scale, scale)
+        hessian = hessian.div(scale[:, None]).div_(scale)  # one K x K copy (a 3 B down_proj's is 300 MB)
     return hessian
 
 
@@ -149,17 +160,29 @@ def _report(
     nearest: WeightGroups,
     hessian: torch.Tensor,
 ) -> None:
-    """Weight SQNR, and output SQNR on the calibration inputs beside round to nearest's (on
-    every ``step``-th output row of a big weight: the output error costs rows x K^2)."""
-    restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
-    rounded = dequantize_groups(nearest.codes, nearest.scale, nearest.zero_point, nearest.group_size)
-    report["weight_sqnr_db"][node] = sqnr_db(weight, restored)
+    """Weight SQNR (summed a chunk of rows at a time: a big model's stacked gate/up weight is
+    ~220 MB in float64), and output SQNR on the calibration inputs beside round to
+    nearest's (on every ``step``-th output row of a big weight: the output error costs
+    rows x K^2)."""
     out_features, in_features = weight.shape
-    rows = slice(None, None, max(1, math.ceil(out_features * in_features**2 / REPORT_MULTIPLY_ADDS)))
-    weight, restored, rounded = weight[rows], restored[rows], rounded[rows]
+    signal = noise = 0.0
+    chunk = max(1, CHUNK_ELEMENTS // in_features)
+    for first in range(0, out_features, chunk):
+        rows = slice(first, first + chunk)
+        reference = weight[rows].to(torch.float64)
+        signal += float(reference.square().sum())
+        noise += float((reference - _dequantized(groups, rows)).square().sum())
+    report["weight_sqnr_db"][node] = _db(signal, noise)
+    sampled = slice(None, None, max(1, math.ceil(out_features * in_features**2 / REPORT_MULTIPLY_ADDS)))
+    weight, restored, rounded = weight[sampled], _dequantized(groups, sampled), _dequantized(nearest, sampled)
     signal = float(output_error(weight, torch.zeros_like(weight), hessian).sum())
     report["output_sqnr_db"][node] = _db(signal, float(output_error(weight, restored, hessian).sum()))
     report["rtn_output_sqnr_db"][node] = _db(signal, float(output_error(weight, rounded, hessian).sum()))
+
+
+def _dequantized(groups: WeightGroups, rows: slice) -> torch.Tensor:
+    zero_point = None if groups.zero_point is None else groups.zero_point[rows]
+    return dequantize_groups(groups.codes[rows], groups.scale[rows], zero_point, groups.group_size)
 
 
 # Multiply-adds one output SQNR of the report may cost (SmolLM2's biggest weight, 576 x 1536

@@ -32,7 +32,7 @@ from torch import fx
 
 import fptq_compile.ops  # noqa: F401  (registers torch.ops.fptq)
 from fptq_compile.errors import PreconditionError
-from fptq_compile.graph_utils import add_constant, fetch_tensor, find_node
+from fptq_compile.graph_utils import add_constant, fetch_tensor, find_node, release_if_unused
 from fptq_compile.metadata import get_linear_state, update_linear_state
 from fptq_compile.passes.base import PassResult
 from fptq_compile.plan import ActivationClass, ActivationGroup, LayerPlan, QuantPlan
@@ -132,7 +132,9 @@ def swap_in_weight_groups(graph_module: fx.GraphModule, linear: fx.Node, groups:
             dequantized = graph_module.graph.call_function(
                 fptq_ops.dequantize_int4_groups.default, (codes, scale, zero_point, groups.group_size)
             )
+    float_weight = linear.args[1]
     linear.update_arg(1, dequantized)
+    release_if_unused(graph_module, float_weight)
 
 
 def _quantize_activation(graph_module: fx.GraphModule, activation: fx.Node, group: ActivationGroup) -> fx.Node:
