@@ -117,7 +117,8 @@ def export_onnx(
     if fuse and _is_offloaded(compiled):
         unfused_reason = "the model was compiled offloaded: checking a fused graph needs the compiled graph in memory"
         fuse = False
-    model, export = _lower(compiled, layout)
+    # The fusion runs onnxscript's optimizer itself (twice): the export skips its own pass then.
+    model, export = _lower(compiled, layout, optimize=not fuse)
     if not fuse or kv_layout is None:
         _save_checked(model, destination, external=_is_offloaded(compiled))
     else:
@@ -151,14 +152,20 @@ def _save_fused(
         shutil.rmtree(scratch)
 
 
-def _lower(compiled: CompiledModel, layout: OnnxLayout) -> tuple[ir.Model, OnnxExport]:
-    """The compiled graph as ONNX in ``layout`` (not yet fused), with what was rewritten
-    (path and size filled in once saved)."""
+def _lower(compiled: CompiledModel, layout: OnnxLayout, optimize: bool) -> tuple[ir.Model, OnnxExport]:
+    """The compiled graph as ONNX in ``layout`` (not yet fused; constants folded with
+    ``optimize``, never for an offloaded compile), with what was rewritten (path and size
+    filled in once saved)."""
     signature = compiled.example_signature()
     if _is_offloaded(compiled):
         model = _export_offloaded(compiled, signature)
     else:
-        model = _export(compiled.graph_module, signature, compiled.kv_layout, optimize=True)
+        model = _export(compiled.graph_module, signature, compiled.kv_layout, optimize=optimize)
+    if _is_offloaded(compiled) or not optimize:
+        # Without the optimizer the quantization scales stay Constant nodes; as initializers
+        # the rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does
+        # not fuse the int4 MatMuls and holds every dequantized weight in float).
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     k_major = merged = 0
     if layout is OnnxLayout.ORT:
         k_major = int4_weights_k_major(model)
@@ -238,10 +245,6 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.
             value.const_value = ir.LazyTensor(read, dtype=placeholder.dtype, shape=shape, name=name)
         else:
             raise ExportError(f"initializer {name} is neither in memory nor in the offload folder {store.folder}")
-    # Without the optimizer the quantization scales stay Constant nodes; as initializers the
-    # rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does not fuse
-    # the int4 MatMuls and holds every dequantized weight in float).
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     return model
 
 
