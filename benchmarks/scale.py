@@ -213,8 +213,9 @@ def main() -> None:
             f"logits finite: {row['logits_finite']}  steps {row['compile_steps']}",
             flush=True,
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        # After every row: a run stopped part way keeps the sizes it finished.
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(f"wrote {args.json}")
 
 
