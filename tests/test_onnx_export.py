@@ -115,6 +115,34 @@ def test_attention_fusion_reports_layers_it_missed(tmp_path):
         fuse_for_onnx_runtime(ir.load(tmp_path / "model.onnx"), num_layers=3)
 
 
+def test_fusion_without_the_quadratic_rule_fuses_the_same_graph(fptq_model, monkeypatch):
+    """The fusion skips onnxscript's slice_split_rule for speed; with the rule, the graph is the same."""
+    import contextlib
+    from collections import Counter
+
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    from fptq_compile.exporters import onnx_ort_fusions
+    from fptq_compile.exporters.onnx_qdq import _lower
+
+    assert slice_split_rule in rewriter._DEFAULT_REWRITE_RULES  # what the fusion drops is still there
+    with onnx_ort_fusions._without_quadratic_rules():
+        assert slice_split_rule not in rewriter._DEFAULT_REWRITE_RULES
+    assert slice_split_rule in rewriter._DEFAULT_REWRITE_RULES  # and is put back
+
+    fast, reference = (_lower(fptq_model, OnnxLayout.ORT, optimize=False)[0] for _ in range(2))
+    onnx_ort_fusions.fuse_for_onnx_runtime(fast, num_layers=2)
+    monkeypatch.setattr(onnx_ort_fusions, "_without_quadratic_rules", contextlib.nullcontext)
+    onnx_ort_fusions.fuse_for_onnx_runtime(reference, num_layers=2)
+
+    def ops(model):
+        return Counter((node.domain, node.op_type) for node in model.graph)
+
+    assert ops(fast) == ops(reference)
+    assert ops(fast)[("com.microsoft", "GroupQueryAttention")] == 2
+
+
 @pytest.mark.parametrize("layout", list(OnnxLayout))
 def test_partial_last_group_and_asymmetric_weights(tmp_path, layout):
     compiled = _compile("all_dynamic", intermediate=80, group_size=64, symmetric=False)
