@@ -158,13 +158,16 @@ class CapturedModel:
             raise UnsupportedGraphError("this graph is not a causal LM with a key/value cache: it has no logits")
         return logits(self.graph_module, self.kv_layout, input_ids)
 
-    def run(self, batch: Any) -> Any:
-        """Run one calibration batch: token ids for a causal LM; for any other graph its
-        inputs, as a tuple (positional), a dict (keyword) or a single tensor."""
+    def run(self, batch: Any, module: fx.GraphModule | None = None) -> Any:
+        """Run one calibration batch through the graph, or through ``module`` called as the
+        graph is (e.g. :func:`~fptq_compile.graph_utils.probes_only` of it): token ids for a
+        causal LM (with an empty cache); for any other graph its inputs, as a tuple
+        (positional), a dict (keyword) or a single tensor."""
+        module = self.graph_module if module is None else module
         if self.kv_layout is not None:
-            return self.logits(batch)
+            return module(batch, self.kv_layout.empty(batch.shape[0]))
         args, kwargs = split_inputs(batch)
-        return self.graph_module(*args, **kwargs)
+        return module(*args, **kwargs)
 
 
 def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from fptq_compile.errors import UnsupportedGraphError
 
@@ -153,6 +154,26 @@ def remove_probes(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> 
         graph_module.graph.lint()
         graph_module.recompile()
     return len(probes)
+
+
+def probes_only(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> fx.GraphModule:
+    """The graph cut down to what its ``probe_type`` probes see.
+
+    The result is called as ``graph_module`` is, shares its submodules and tensors, and
+    returns ``None`` for every output; nothing that only feeds the outputs is computed
+    (a causal LM's logits, its largest matmul, are not what calibration measures).
+    """
+    graph = fx.Graph()
+    graph.set_codegen(graph_module.graph._codegen)  # the same calling convention (pytree in/out specs)
+    outputs = graph.graph_copy(graph_module.graph, {})
+    graph.output(pytree.tree_map(lambda _: None, outputs))
+    probes = {node.name for node, _ in find_probes(graph_module, probe_type)}
+    cut = fx.GraphModule(graph_module, graph)
+    cut.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or node.name in probes)
+    if sum(node.name in probes for node in cut.graph.nodes) != len(probes):
+        raise UnsupportedGraphError("cutting the graph down to its probes lost one of them")
+    cut.recompile()
+    return cut
 
 
 _ATEN = torch.ops.aten

@@ -33,7 +33,13 @@ from fptq_compile.capture import (
 )
 from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError, UnsupportedGraphError
-from fptq_compile.graph_utils import attribute_targets, drop_unused_attributes, fetch_tensor, replace_tensor
+from fptq_compile.graph_utils import (
+    attribute_targets,
+    drop_unused_attributes,
+    fetch_tensor,
+    probes_only,
+    replace_tensor,
+)
 from fptq_compile.models import LoadedModel
 from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
@@ -41,6 +47,7 @@ from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
 from fptq_compile.passes.gptq_weights import gptq_weights
 from fptq_compile.passes.insert_observers import (
+    ActivationObserver,
     ActivationStats,
     insert_observers,
     read_activation_stats,
@@ -48,6 +55,7 @@ from fptq_compile.passes.insert_observers import (
 )
 from fptq_compile.passes.insert_w4a8_qdq import insert_w4a8_qdq
 from fptq_compile.passes.measure_activation_error import (
+    ActivationErrorProbe,
     insert_error_probes,
     read_activation_errors,
     remove_error_probes,
@@ -121,6 +129,20 @@ class CompiledModel:
         if self.signature is None:
             raise UnsupportedGraphError("this compiled graph records neither a key/value cache nor example inputs")
         return self.signature
+
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The graph re-exported as a ``torch.export`` program (for saving and for ONNX; one
+        program serves both). It shares the graph module's tensors: nothing is copied."""
+        self._check_in_memory()
+        signature = self.example_signature()
+        with torch.no_grad():
+            return torch.export.export(
+                self.graph_module,
+                signature.args,
+                signature.kwargs,
+                dynamic_shapes=signature.dynamic_shapes,
+                strict=False,
+            )
 
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One cached step (a causal LM): logits of the new tokens and the cache extended by them."""
@@ -287,14 +309,16 @@ def _analyze(
             # Temporary observers measure per-channel max|X| of each linear input (and its
             # Hessian for GPTQ), then leave.
             insert_observers(graph_module, linears, collect_hessians)
-            run_batches(captured.run, batches, steps.enabled)
+            observed = probes_only(graph_module, ActivationObserver)
+            run_batches(functools.partial(captured.run, module=observed), batches, steps.enabled)
             stats = read_activation_stats(graph_module)
             remove_observers(graph_module)
         with steps.step("measure_activation_error"):
             # Temporary probes measure every candidate's int8 error on a few calibration sequences.
             if config.error_samples:
                 insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
-                run_batches(captured.run, error_batches, False)
+                probed = probes_only(graph_module, ActivationErrorProbe)
+                run_batches(functools.partial(captured.run, module=probed), error_batches, False)
                 errors = read_activation_errors(graph_module)
                 remove_error_probes(graph_module)
     with steps.step("analyze_sensitivity"):

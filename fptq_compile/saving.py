@@ -52,11 +52,18 @@ def is_saved_compiled(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / MANIFEST_FILE).is_file()
 
 
-def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) -> None:
+def save_compiled(
+    compiled: CompiledModel,
+    directory: str | os.PathLike[str],
+    *,
+    program: torch.export.ExportedProgram | None = None,
+) -> None:
     """Write ``compiled`` into the existing folder ``directory`` (see the module docstring).
 
-    Callers that need all-or-nothing output write into a staging folder
-    (:func:`fptq_compile.io.atomic_directory`), as the exporters and the CLI do.
+    ``program`` is ``compiled.exported_program()`` when the caller has it already (the
+    output folder shares it with the ONNX export). Callers that need all-or-nothing output
+    write into a staging folder (:func:`fptq_compile.io.atomic_directory`), as the exporters
+    and the CLI do.
     """
     from fptq_compile import __version__
 
@@ -67,14 +74,11 @@ def save_compiled(compiled: CompiledModel, directory: str | os.PathLike[str]) ->
         )
     folder = Path(directory)
     graph_module = compiled.graph_module
-    signature = compiled.example_signature()
     # A causal LM's example inputs follow from its cache layout; any other graph keeps its own.
     own_inputs = compiled.kv_layout is None
     try:
-        with torch.no_grad():  # the program shares the graph module's tensors: nothing is copied
-            program = torch.export.export(
-                graph_module, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
-            )
+        if program is None:
+            program = compiled.exported_program()
         structure = serialize(
             program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=own_inputs
         )

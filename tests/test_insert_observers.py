@@ -7,6 +7,7 @@ import torch
 
 from fptq_compile.calibration import run_calibration
 from fptq_compile.errors import CalibrationError
+from fptq_compile.graph_utils import probes_only
 from fptq_compile.passes import ActivationObserver, insert_observers, read_activation_stats, remove_observers
 
 
@@ -65,6 +66,23 @@ def test_statistics_equal_a_direct_measurement(llama, captured, token_ids):
     for site in captured.linears:
         torch.testing.assert_close(stats[site.node].channel_absmax, inputs[site.module_path].abs().amax(dim=0))
         assert stats[site.node].num_tokens == token_ids.numel()
+
+
+def test_the_graph_cut_to_its_observers_measures_the_same_without_computing_logits(llama, captured, token_ids):
+    insert_observers(captured.graph_module, captured.linears)
+    cut = probes_only(captured.graph_module, ActivationObserver)
+
+    def linears(graph_module):
+        return [node.name for node in graph_module.graph.nodes if node.target == torch.ops.aten.linear.default]
+
+    lm_head = next(site.node for site in captured.linears if site.module_path == "lm_head")
+    assert set(linears(captured.graph_module)) - set(linears(cut)) == {lm_head}  # observed, not computed
+    outputs = torch.utils._pytree.tree_leaves(captured.run(token_ids, module=cut), is_leaf=lambda x: x is None)
+    assert len(outputs) == 1 + 2 * 2 and all(value is None for value in outputs)  # logits, 2 layers' key/value
+    stats = read_activation_stats(captured.graph_module)
+    inputs = _linear_inputs(llama, token_ids)
+    for site in captured.linears:
+        torch.testing.assert_close(stats[site.node].channel_absmax, inputs[site.module_path].abs().amax(dim=0))
 
 
 def test_inserting_twice_changes_nothing_the_second_time(captured):

@@ -59,7 +59,8 @@ def export_folder(
     steps = StepProgress("export", ("onnx", "tokenizer and configs", "compiled model", "report"), progress)
     with atomic_directory(destination, overwrite=overwrite) as staging:
         with steps.step("onnx"):
-            result = export_onnx(compiled, staging / MODEL_FILE, layout)
+            program = compiled.exported_program()  # one capture for the ONNX model and the saved model
+            result = export_onnx(compiled, staging / MODEL_FILE, layout, program=program)
         with steps.step("tokenizer and configs"):
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
@@ -70,7 +71,7 @@ def export_folder(
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")
         with steps.step("compiled model"):
-            save_compiled(compiled, staging)
+            save_compiled(compiled, staging, program=program)
         with steps.step("report"):
             onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
             write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)

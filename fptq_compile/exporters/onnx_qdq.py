@@ -88,9 +88,16 @@ def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
 
 
 def export_onnx(
-    compiled: CompiledModel, path: str | os.PathLike[str], layout: OnnxLayout = OnnxLayout.ORT
+    compiled: CompiledModel,
+    path: str | os.PathLike[str],
+    layout: OnnxLayout = OnnxLayout.ORT,
+    *,
+    program: torch.export.ExportedProgram | None = None,
 ) -> OnnxExport:
     """Write ``compiled`` as an ONNX model at ``path`` (atomically) and check it.
+
+    ``program`` is ``compiled.exported_program()`` when the caller has it already (the
+    output folder shares it with saving); otherwise the export captures the graph itself.
 
     In the ``ort`` layout a causal LM's attention and norms are fused into ONNX Runtime's
     ops (:func:`fuse_for_onnx_runtime`), then the fused model is run against the compiled
@@ -118,7 +125,7 @@ def export_onnx(
         unfused_reason = "the model was compiled offloaded: checking a fused graph needs the compiled graph in memory"
         fuse = False
     # The fusion runs onnxscript's optimizer itself (twice): the export skips its own pass then.
-    model, export = _lower(compiled, layout, optimize=not fuse)
+    model, export = _lower(compiled, layout, optimize=not fuse, program=program)
     if not fuse or kv_layout is None:
         _save_checked(model, destination, external=_is_offloaded(compiled))
     else:
@@ -152,15 +159,18 @@ def _save_fused(
         shutil.rmtree(scratch)
 
 
-def _lower(compiled: CompiledModel, layout: OnnxLayout, optimize: bool) -> tuple[ir.Model, OnnxExport]:
-    """The compiled graph as ONNX in ``layout`` (not yet fused; constants folded with
-    ``optimize``, never for an offloaded compile), with what was rewritten (path and size
-    filled in once saved)."""
+def _lower(
+    compiled: CompiledModel, layout: OnnxLayout, optimize: bool, program: torch.export.ExportedProgram | None = None
+) -> tuple[ir.Model, OnnxExport]:
+    """The compiled graph (or its ``program``) as ONNX in ``layout`` (not yet fused; constants
+    folded with ``optimize``, never for an offloaded compile), with what was rewritten (path
+    and size filled in once saved)."""
     signature = compiled.example_signature()
     if _is_offloaded(compiled):
         model = _export_offloaded(compiled, signature)
     else:
-        model = _export(compiled.graph_module, signature, compiled.kv_layout, optimize=optimize)
+        graph = compiled.graph_module if program is None else program
+        model = _export(graph, signature, compiled.kv_layout, optimize=optimize)
     if _is_offloaded(compiled) or not optimize:
         # Without the optimizer the quantization scales stay Constant nodes; as initializers
         # the rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does
@@ -177,17 +187,21 @@ def _lower(compiled: CompiledModel, layout: OnnxLayout, optimize: bool) -> tuple
 
 
 def _export(
-    graph_module: torch.fx.GraphModule, signature: GraphSignature, kv_layout: KVCacheLayout | None, optimize: bool
+    graph: torch.fx.GraphModule | torch.export.ExportedProgram,
+    signature: GraphSignature,
+    kv_layout: KVCacheLayout | None,
+    optimize: bool,
 ) -> ir.Model:
-    """``torch.onnx.export`` of the graph, a causal LM's inputs and outputs named as runtimes
-    expect (any other graph keeps its own)."""
+    """``torch.onnx.export`` of the graph (captured with ``signature``, unless it is a program
+    already), a causal LM's inputs and outputs named as runtimes expect (any other graph
+    keeps its own)."""
     input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
     try:
         with warnings.catch_warnings():
             # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            program = torch.onnx.export(
-                graph_module,
+            onnx_program = torch.onnx.export(
+                graph,
                 signature.args,
                 kwargs=signature.kwargs or None,
                 dynamo=True,
@@ -201,9 +215,9 @@ def _export(
             )
     except Exception as error:  # the exporter raises many types; keep the cause
         raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
-    if program is None:
+    if onnx_program is None:
         raise ExportError("torch.onnx.export returned no program")
-    model: ir.Model = program.model
+    model: ir.Model = onnx_program.model
     return model
 
 
