@@ -112,3 +112,16 @@ def test_a_big_hessian_is_factored_in_float32_to_nearly_the_same_codes(monkeypat
     assert (in_float32.codes != in_float64.codes).float().mean() < 0.01
     errors = [output_error(weight, _restored(solved), hessian).sum() for solved in (in_float32, in_float64)]
     assert torch.allclose(errors[0], errors[1], rtol=0.01)
+
+
+@pytest.mark.parametrize("width", [5, 37, 64])
+def test_the_upper_gram_accumulated_over_batches_gives_x_transpose_x(width):
+    x = torch.randn(3, 50, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    gram = None
+    for batch in x:
+        gram = gptq.add_gram_upper(gram, batch)
+    assert gram is not None
+    tokens = x.reshape(-1, width)
+    expected = tokens.t() @ tokens
+    torch.testing.assert_close(gptq.symmetric_from_upper(gram), expected, rtol=1e-12, atol=1e-10)
+    assert not torch.allclose(gram, expected)  # the blocks below the diagonal were skipped

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from fptq_compile.capture import LinearSite
 from fptq_compile.errors import CalibrationError, PreconditionError
+from fptq_compile.gptq import add_gram_upper, symmetric_from_upper
 from fptq_compile.graph_utils import find_node, find_probes, insert_probe, remove_probes
 from fptq_compile.passes.base import PassResult
 
@@ -39,7 +40,8 @@ class ActivationObserver(nn.Module):
         self.collect_hessian = collect_hessian
         self.channel_absmax: torch.Tensor | None = None
         self.input_gram: torch.Tensor | None = None
-        """``X^T X`` summed over the tokens seen (with ``collect_hessian``)."""
+        """``X^T X`` summed over the tokens seen (with ``collect_hessian``), its upper triangle
+        only (:func:`~fptq_compile.gptq.add_gram_upper`)."""
         self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +52,7 @@ class ActivationObserver(nn.Module):
             torch.maximum(self.channel_absmax, batch_absmax, out=self.channel_absmax)
         if self.collect_hessian:
             tokens = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if self.input_gram is None:
-                self.input_gram = tokens.t() @ tokens
-            else:
-                self.input_gram.addmm_(tokens.t(), tokens)
+            self.input_gram = add_gram_upper(self.input_gram, tokens)
         self.num_tokens += x.numel() // x.shape[-1]
         return x
 
@@ -115,7 +114,8 @@ def read_activation_stats(graph_module: fx.GraphModule) -> ActivationStats:
                 f"observer of {observer.input_node} (feeding {', '.join(observer.linears)}) saw no data: "
                 "run calibration batches through the graph first"
             )
-        hessian = None if observer.input_gram is None else observer.input_gram / observer.num_tokens
+        gram = observer.input_gram
+        hessian = None if gram is None else symmetric_from_upper(gram).div_(observer.num_tokens)
         stats = ChannelStats(observer.input_node, observer.channel_absmax.clone(), observer.num_tokens, hessian)
         for linear in observer.linears:
             per_linear[linear] = stats
