@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = command("compile", _compile, "quantize a causal LM to W4A8 and write an output folder (ONNX + report)")
     _add_compile_options(compile_)
+    compile_.add_argument(
+        "--offload",
+        action="store_true",
+        help="MODEL is a checkpoint folder bigger than memory: its blocks stay on disk and are compiled one at a "
+        "time (implies --by-block; the folder gets no saved compiled model)",
+    )
     compile_.add_argument("--layout", choices=[layout.value for layout in OnnxLayout], help="ONNX layout (ort)")
     compile_.add_argument(
         "--out", type=Path, default=Path("fptq-out"), metavar="DIR", help="output folder (default fptq-out)"
@@ -202,6 +208,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
             table[key] = value
 
     put(None, "model", args.model)
+    put(None, "offload", True if getattr(args, "offload", False) else None)
     put("calibration", "source", args.calib)
     put("calibration", "samples", args.samples)
     put("calibration", "seq_len", args.seq_len)
@@ -250,7 +257,7 @@ def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) 
     """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on them."""
 
     calibration = _calibration_source(job.calibration.source)
-    loaded = _load_model(args, job.model)
+    loaded = _load_model(args, job.model, job.offload)
     result = step(
         loaded,
         calibration,
@@ -262,12 +269,14 @@ def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) 
     return loaded, result
 
 
-def _load_model(args: argparse.Namespace, source: str | None) -> Any:
-    """``load_model``; with --quiet, without the progress bar transformers' GGUF reader always shows."""
+def _load_model(args: argparse.Namespace, source: str | None, offload: bool = False) -> Any:
+    """``load_model`` (``load_offloaded`` with ``offload``); with --quiet, without the progress
+    bar transformers' GGUF reader always shows."""
     import fptq_compile as fptq
+    from fptq_compile.offload import load_offloaded
 
     with contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        return fptq.load_model(source)
+        return load_offloaded(source) if offload and source is not None else fptq.load_model(source)
 
 
 # --- the commands ------------------------------------------------------------------
@@ -283,6 +292,11 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"output folder {args.out} exists; pass --overwrite to replace it")
     if args.ppl is not None and not args.ppl.is_file():
         raise ConfigError(f"perplexity text {args.ppl} does not exist")
+    if args.ppl is not None and job.offload:
+        raise ConfigError(
+            "--ppl runs the compiled torch model, which --offload keeps on disk: measure the folder's ONNX model "
+            "with `fptq eval DIR --ppl TEXTFILE` instead"
+        )
     loaded, compiled = _load_and_run(args, job, fptq.compile)
     counts = compiled.plan.activation_class_counts()
     _status(args, f"compiled {loaded.source}: linears per activation class {json.dumps(counts)}")

@@ -4,6 +4,7 @@ A config file (``.toml``, ``.yaml``/``.yml`` or ``.json``) holds any of these ke
 compile options are those of :class:`~fptq_compile.config.CompileConfig`::
 
     model = "path/to/model"          # omitted: the built-in SmolLM2-135M
+    offload = false                  # true: blocks stay on disk, compiled one at a time
     ignore = ["model.layers.0.*"]
     int8_weight_only = ["lm_head"]   # int8 weights, float activations
 
@@ -71,17 +72,25 @@ class ExportOptions:
 @dataclass(frozen=True)
 class JobConfig:
     model: str | None = None
+    offload: bool = False
+    """Load ``model`` (a Hugging Face checkpoint folder in safetensors) with its decoder
+    blocks on disk and compile one block in memory at a time: ``calibrate_by_block``, which
+    :func:`job_from_dict` sets unless the file says otherwise (the compile then refuses)."""
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     compile: CompileConfig = field(default_factory=CompileConfig)
     export: ExportOptions = field(default_factory=ExportOptions)
 
     def __post_init__(self) -> None:
+        if self.offload and self.model is None:
+            raise ConfigError("offload loads a Hugging Face checkpoint folder (safetensors): give the model folder")
+        if self.offload and self.compile.kv_cache_int8:
+            raise ConfigError("an int8 KV cache (kv_cache_int8) is not supported with offload yet")
         # Refused here, before the compile: the exporter would refuse it after.
         if self.compile.kv_cache_int8 and self.export.layout is OnnxLayout.ORT:
             raise ConfigError("an int8 KV cache (kv_cache_int8) exports in the qdq layout only: add --layout qdq")
 
 
-_JOB_KEYS = ("model", "calibration", "export")
+_JOB_KEYS = ("model", "offload", "calibration", "export")
 
 
 def job_from_dict(data: Mapping[str, Any]) -> JobConfig:
@@ -93,7 +102,10 @@ def job_from_dict(data: Mapping[str, Any]) -> JobConfig:
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]}; allowed: {', '.join(allowed)}")
     job_part = {key: value for key, value in data.items() if key in _JOB_KEYS}
-    compile_config = config_from_dict({key: value for key, value in data.items() if key not in _JOB_KEYS})
+    compile_part = {key: value for key, value in data.items() if key not in _JOB_KEYS}
+    if job_part.get("offload") is True:
+        compile_part.setdefault("calibrate_by_block", True)  # what offload means; an explicit false is refused
+    compile_config = config_from_dict(compile_part)
     return dataclasses.replace(dataclass_from_dict(JobConfig, job_part), compile=compile_config)
 
 
@@ -101,6 +113,7 @@ def job_to_dict(job: JobConfig) -> dict[str, Any]:
     """The job in the config-file layout, JSON-ready (what :func:`job_from_dict` reads)."""
     return {
         "model": job.model,
+        "offload": job.offload,
         "calibration": vars(job.calibration).copy(),
         **config_to_dict(job.compile),
         "export": {"layout": job.export.layout.value},

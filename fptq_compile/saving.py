@@ -43,6 +43,8 @@ MANIFEST_FILE = "fptq_manifest.json"
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
 COMPILE_REPORT_FILE = "compile_report.json"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "compile_config.json"
 EXAMPLE_INPUTS_FILE = "example_inputs.bin"
 """A graph with its own inputs (not a causal LM): its serialized example inputs."""
 
@@ -115,8 +117,16 @@ def save_compiled(
         "constants": sorted(program.constants),
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    (folder / "plan.json").write_text(compiled.plan.to_json(), encoding="utf-8")
-    (folder / "compile_config.json").write_text(json.dumps(config_to_dict(compiled.config), indent=1), encoding="utf-8")
+    save_compile_records(compiled, folder)
+
+
+def save_compile_records(compiled: CompiledModel, directory: str | os.PathLike[str]) -> None:
+    """Write what the compile decided and measured, without the graph: ``plan.json``,
+    ``compile_config.json`` and ``compile_report.json`` (part of :func:`save_compiled`;
+    alone for a model compiled offloaded, which cannot be saved yet)."""
+    folder = Path(directory)
+    (folder / PLAN_FILE).write_text(compiled.plan.to_json(), encoding="utf-8")
+    (folder / CONFIG_FILE).write_text(json.dumps(config_to_dict(compiled.config), indent=1), encoding="utf-8")
     (folder / COMPILE_REPORT_FILE).write_text(json.dumps(compiled.report.to_dict(), indent=1), encoding="utf-8")
 
 
@@ -129,8 +139,8 @@ def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
         kv_layout = None if manifest["kv_layout"] is None else KVCacheLayout(**manifest["kv_layout"])
         example_inputs = b"" if kv_layout is not None else (folder / EXAMPLE_INPUTS_FILE).read_bytes()
         stored = load_file(str(folder / WEIGHTS_FILE))
-        plan = QuantPlan.from_json((folder / "plan.json").read_text(encoding="utf-8"))
-        config = config_from_dict(json.loads((folder / "compile_config.json").read_text(encoding="utf-8")))
+        plan = QuantPlan.from_json((folder / PLAN_FILE).read_text(encoding="utf-8"))
+        config = config_from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
         report = CompileReport.from_dict(json.loads((folder / COMPILE_REPORT_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, truncated or corrupt files
         raise ModelLoadError(f"cannot load the compiled model in {folder}: {type(error).__name__}: {error}") from error
@@ -166,7 +176,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise ModelLoadError(f"{folder} holds no saved compiled model (no {MANIFEST_FILE})")
+        compiled_offloaded = (folder / PLAN_FILE).is_file()  # an output folder of an offloaded compile
+        raise ModelLoadError(
+            f"{folder} holds no saved compiled model (no {MANIFEST_FILE})"
+            + ("; a model compiled offloaded is not saved, only its ONNX model" if compiled_offloaded else "")
+        )
     try:
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

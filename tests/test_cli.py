@@ -123,6 +123,34 @@ def test_export_re_exports_a_saved_model_in_the_other_layout(compiled_folder, tm
     assert code == 0 and generated["text"].startswith("the city")
 
 
+def test_offload_compiles_block_by_block_into_an_onnx_folder_without_the_saved_model(workspace, tmp_path, capsys):
+    out = tmp_path / "offloaded"
+    with pytest.warns(UserWarning, match="compiled offloaded"):
+        code, result = _run_json(
+            "compile", str(workspace / "model"), "--offload", *SMALL, "--out", str(out), "--prompt", "the city"
+        )
+    assert code == 0 and result["text"].startswith("the city")
+    for name in ("model.onnx", "model.onnx.data", "plan.json", "compile_report.json", "report.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "fptq_manifest.json").exists() and not (out / "weights.safetensors").exists()
+    resolved = json.loads((out / "fptq_config.json").read_text())
+    assert resolved["offload"] is True and resolved["calibrate_by_block"] is True
+    # The plan of an in-memory block-by-block compile of the same checkpoint (node names differ).
+    code, in_memory = _run_json("inspect", str(workspace / "model"), *SMALL, "--by-block")
+    assert code == 0
+    assert _classes_by_module(json.loads((out / "plan.json").read_text())) == _classes_by_module(in_memory["plan"])
+    capsys.readouterr()
+    assert _run("export", str(out), "--format", "qdq", "--out", str(tmp_path / "qdq"), "--quiet") == 2
+    assert "compiled offloaded is not saved" in capsys.readouterr().err
+
+
+def _classes_by_module(plan: dict) -> list[tuple[str, str]]:
+    module_of = {layer["node"]: layer["module_path"] for layer in plan["layers"]}
+    return sorted(
+        (module_of[node], group["activation"]["kind"]) for group in plan["groups"] for node in group["linears"]
+    )
+
+
 def test_inspect_prints_a_table_without_quantizing(workspace, capsys):
     assert _run("inspect", str(workspace / "model"), "--samples", "2", "--seq-len", "16", "--quiet") == 0
     printed = capsys.readouterr().out
@@ -187,6 +215,8 @@ def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
         "int8 weight-only typo": ([model, "--int8-weight-only", "lm_heads"], "pattern 'lm_heads' matches no linear"),
         "int8 KV cache in the ort layout": ([model, "--kv-int8"], "qdq layout only: add --layout qdq"),
         "unknown weight rounding": ([model, "--config", str(tmp_path / "awq.toml")], "weights.rounding must be one of"),
+        "offload without a model folder": (["--offload"], "give the model folder"),
+        "offload with --ppl": ([model, "--offload", "--ppl", str(workspace / "eval.txt")], "fptq eval DIR --ppl"),
     }
 
 
@@ -207,6 +237,8 @@ BAD_INPUT_CASES = (
     "int8 weight-only typo",
     "int8 KV cache in the ort layout",
     "unknown weight rounding",
+    "offload without a model folder",
+    "offload with --ppl",
 )
 
 

@@ -151,13 +151,17 @@ def test_an_offloaded_model_exports_without_reading_its_blocks_into_the_graph(ch
         assert float((actual - reference).abs().max() / reference.abs().max()) < 1e-5
 
 
-def test_an_offloaded_compile_is_not_saved_half_way(checkpoint, token_ids, tmp_path):
+def test_an_offloaded_compile_is_not_saved_but_its_folder_holds_the_onnx_model(checkpoint, token_ids, tmp_path):
     folder, _ = checkpoint
     nearest = fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST)
     config = fptq.CompileConfig(calibrate_by_block=True, weights=nearest)
     offloaded = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False)
     with pytest.raises(ExportError, match="offloaded"):
-        save_compiled(offloaded, tmp_path)
-    with pytest.raises(ExportError, match="offloaded"):
-        export_folder(offloaded, None, tmp_path / "out")
+        save_compiled(offloaded, tmp_path / "saved")
     assert not list(tmp_path.iterdir())
+    with pytest.warns(UserWarning, match="compiled offloaded"):
+        export_folder(offloaded, None, tmp_path / "out", progress=False)
+    written = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"model.onnx", "model.onnx.data", "plan.json", "compile_report.json", "report.json"} <= written
+    assert not written & {"fptq_manifest.json", "weights.safetensors", "program.json"}
+    assert fptq.QuantPlan.from_json((tmp_path / "out" / "plan.json").read_text()) == offloaded.plan

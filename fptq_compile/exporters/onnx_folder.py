@@ -8,7 +8,9 @@ Layout (everything written to a temporary sibling and renamed at the end):
 - tokenizer files;
 - the saved compiled model (:mod:`fptq_compile.saving`): ``program.json``,
   ``weights.safetensors``, ``fptq_manifest.json``, ``plan.json``, ``compile_config.json``,
-  ``compile_report.json``, so ``fptq export`` and ``fptq eval`` run without recompiling;
+  ``compile_report.json``, so ``fptq export`` and ``fptq eval`` run without recompiling.
+  A model compiled offloaded cannot be saved yet: its folder holds the last three only
+  (the ONNX model is complete; ``export_folder`` warns);
 - ``report.json``, ``report.html``, ``report.png`` (:mod:`fptq_compile.report`).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from fptq_compile.io import atomic_directory
 from fptq_compile.pipeline import CompiledModel
 from fptq_compile.progress import StepProgress
 from fptq_compile.report import build_report, write_report
-from fptq_compile.saving import save_compiled
+from fptq_compile.saving import save_compile_records, save_compiled
 
 MODEL_FILE = "model.onnx"
 
@@ -50,16 +53,19 @@ def export_folder(
     ``perplexity``); ``extra_files`` maps more file names to their text. A failure leaves
     nothing under ``destination``.
     """
-    if compiled.offloaded is not None and compiled.offloaded.files:
-        # Refused before the export: the folder's saved compiled model cannot be written.
-        raise ExportError(
-            "an output folder holds the saved compiled model, which an offloaded compile cannot write yet: "
-            "use export_onnx for the ONNX model alone"
+    offloaded = compiled.offloaded is not None and bool(compiled.offloaded.files)
+    if offloaded:
+        warnings.warn(
+            "the model was compiled offloaded: the output folder holds its ONNX model, plan and report but not "
+            "the saved compiled model (fptq export / eval --backend torch need it; saving offloaded compiles "
+            "is not supported yet)",
+            stacklevel=2,
         )
     steps = StepProgress("export", ("onnx", "tokenizer and configs", "compiled model", "report"), progress)
     with atomic_directory(destination, overwrite=overwrite) as staging:
         with steps.step("onnx"):
-            program = compiled.exported_program()  # one capture for the ONNX model and the saved model
+            # One capture for the ONNX model and the saved model (an offloaded graph is traced on meta tensors).
+            program = None if offloaded else compiled.exported_program()
             result = export_onnx(compiled, staging / MODEL_FILE, layout, program=program)
         with steps.step("tokenizer and configs"):
             if tokenizer is not None:
@@ -71,7 +77,10 @@ def export_folder(
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")
         with steps.step("compiled model"):
-            save_compiled(compiled, staging, program=program)
+            if program is None:
+                save_compile_records(compiled, staging)
+            else:
+                save_compiled(compiled, staging, program=program)
         with steps.step("report"):
             onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
             write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
