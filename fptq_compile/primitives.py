@@ -30,7 +30,7 @@ SCALE_FLOOR = 1e-8
 
 def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / scale), qmin, qmax)`` as int8 (round half to even, like ONNX)."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8)
+    return torch.div(x, scale).round_().clamp_(qmin, qmax).to(torch.int8)  # in place on one temporary
 
 
 def int8_scale_from_absmax(absmax: torch.Tensor | float) -> torch.Tensor:

@@ -63,7 +63,7 @@ def _quantize_dequantize(x: torch.Tensor, candidate: Candidate, lae_scale: torch
     values = x if lae_scale is None else x / lae_scale
     codes = primitives.quantize_symmetric(values, candidate.scale, primitives.INT8_MIN, primitives.INT8_MAX)
     restored = primitives.dequantize(codes, candidate.scale)
-    return restored if lae_scale is None else restored * lae_scale
+    return restored if lae_scale is None else restored.mul_(lae_scale)
 
 
 class ActivationErrorProbe(nn.Module):
@@ -88,7 +88,8 @@ class ActivationErrorProbe(nn.Module):
         self.num_tokens += values.numel() // values.shape[-1]
         for name, candidate in self.group.candidates.items():
             restored = _quantize_dequantize(values, candidate, self.lae_scales.get(name))
-            self.noise[name] += float((reference - restored.to(torch.float64)).square().sum())
+            # (restored - x)^2 in float64, in place on one temporary: fewer big allocations.
+            self.noise[name] += float(restored.to(torch.float64).sub_(reference).square_().sum())
         return x
 
     def sqnr_db(self) -> dict[str, float]:
