@@ -281,3 +281,28 @@ def test_a_fusion_that_changes_the_logits_is_refused_and_the_unfused_graph_expor
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(9))
     reference = compiled(ids)
     assert float((session(ids) - reference).abs().max() / reference.abs().max()) < 1e-3
+
+
+def test_sessions_log_no_onnx_runtime_warnings(tmp_path, capfd):
+    """ORT warns once per initializer its graph optimizations leave unused (a scale its int4
+    MatMul fusion absorbed: ~90 lines for SmolLM2); the project's sessions log errors only."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fptq_compile.runtime import session_options
+
+    unused = numpy_helper.from_array(np.ones(3, np.float32), name="unused_scale")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        [unused],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    capfd.readouterr()
+    ort.InferenceSession(str(path), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    assert "Removing initializer 'unused_scale'" in capfd.readouterr().err  # what ORT says by default
+    ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    assert "onnxruntime" not in capfd.readouterr().err
