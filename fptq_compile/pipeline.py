@@ -161,8 +161,14 @@ class CompiledModel:
         self.offloaded.materialize(self.graph_module)
         return dataclasses.replace(self, offloaded=None)
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the decoder blocks' tensors are in the offload folder, not in the graph."""
+        return self.offloaded is not None and bool(self.offloaded.files)
+
     def _check_in_memory(self) -> None:
-        if self.offloaded is not None and self.offloaded.files:
+        if self.on_disk:
+            assert self.offloaded is not None  # on_disk says so
             raise UnsupportedGraphError(
                 f"the compiled blocks' tensors are on disk ({self.offloaded.folder}): export the model, "
                 "or call in_memory() first if it fits in memory"

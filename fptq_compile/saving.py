@@ -69,7 +69,7 @@ def save_compiled(
     """
     from fptq_compile import __version__
 
-    if compiled.offloaded is not None and compiled.offloaded.files:
+    if compiled.on_disk:
         raise ExportError(
             "this model was compiled offloaded (its blocks' tensors are on disk): saving it is not supported yet; "
             "export it with export_onnx, or call in_memory() first if it fits in memory"

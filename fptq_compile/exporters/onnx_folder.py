@@ -53,8 +53,7 @@ def export_folder(
     ``perplexity``); ``extra_files`` maps more file names to their text. A failure leaves
     nothing under ``destination``.
     """
-    offloaded = compiled.offloaded is not None and bool(compiled.offloaded.files)
-    if offloaded:
+    if compiled.on_disk:
         warnings.warn(
             "the model was compiled offloaded: the output folder holds its ONNX model, plan and report but not "
             "the saved compiled model (fptq export / eval --backend torch need it; saving offloaded compiles "
@@ -65,7 +64,7 @@ def export_folder(
     with atomic_directory(destination, overwrite=overwrite) as staging:
         with steps.step("onnx"):
             # One capture for the ONNX model and the saved model (an offloaded graph is traced on meta tensors).
-            program = None if offloaded else compiled.exported_program()
+            program = None if compiled.on_disk else compiled.exported_program()
             result = export_onnx(compiled, staging / MODEL_FILE, layout, program=program)
         with steps.step("tokenizer and configs"):
             if tokenizer is not None:

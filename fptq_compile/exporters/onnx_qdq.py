@@ -121,13 +121,13 @@ def export_onnx(
             "drops the window"
         )
         fuse = False
-    if fuse and _is_offloaded(compiled):
+    if fuse and compiled.on_disk:
         unfused_reason = "the model was compiled offloaded: checking a fused graph needs the compiled graph in memory"
         fuse = False
     # The fusion runs onnxscript's optimizer itself (twice): the export skips its own pass then.
     model, export = _lower(compiled, layout, optimize=not fuse, program=program)
     if not fuse or kv_layout is None:
-        _save_checked(model, destination, external=_is_offloaded(compiled))
+        _save_checked(model, destination, external=compiled.on_disk)
     else:
         export, unfused_reason = _save_fused(compiled, model, export, destination, kv_layout.num_layers)
     if unfused_reason:
@@ -166,12 +166,12 @@ def _lower(
     folded with ``optimize``, never for an offloaded compile), with what was rewritten (path
     and size filled in once saved)."""
     signature = compiled.example_signature()
-    if _is_offloaded(compiled):
+    if compiled.on_disk:
         model = _export_offloaded(compiled, signature)
     else:
         graph = compiled.graph_module if program is None else program
         model = _export(graph, signature, compiled.kv_layout, optimize=optimize)
-    if _is_offloaded(compiled) or not optimize:
+    if compiled.on_disk or not optimize:
         # Without the optimizer the quantization scales stay Constant nodes; as initializers
         # the rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does
         # not fuse the int4 MatMuls and holds every dequantized weight in float).
@@ -221,16 +221,12 @@ def _export(
     return model
 
 
-def _is_offloaded(compiled: CompiledModel) -> bool:
-    return compiled.offloaded is not None and bool(compiled.offloaded.files)
-
-
 def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.Model:
     """Export a graph whose blocks' tensors are on disk without reading them: the graph is
     traced on meta tensors, then each initializer reads its data (from the store, or the
     tensor in memory) only when the model is saved, one tensor at a time."""
     graph_module, store = compiled.graph_module, compiled.offloaded
-    assert store is not None  # _is_offloaded checked it
+    assert store is not None  # on_disk checked it
     in_memory: dict[str, torch.Tensor] = {}
     for target in attribute_targets(graph_module):
         tensor = fetch_tensor(graph_module, target)
