@@ -13,8 +13,12 @@ Models:
 
 W4A8 sessions run at accuracy level 1 (the fused int4 MatMuls compute in float: the torch
 reference's numbers) and at ORT's default level 4 (int8 activations inside ``MatMulNBits``).
-For each session: file size, prefill latency (1 x 512 tokens, empty cache), decode latency
-per token (1 token against a 512-token cache; the median of 5 steps per round), each the
+Every session runs as the project's runtime runs it (:class:`OrtCausalLM`): the ``ort``
+models' cache is one buffer bound as past and present, which ORT appends to in place; the
+``qdq`` model's past is copied into a new present each step. For each session: file size,
+prefill latency (1 x 512 tokens, empty cache), decode latency per token (1 token against a
+512-token cache; the median of 5 steps per round; for the ``ort`` models also with the
+cache copied, through plain ``session.run``, for comparison), each the
 median over ``--runs`` rounds taken round-robin across the sessions, the ratios to float
 (of the medians, and the median of per-round ratios), and, for the ``ort`` sessions, the
 ORT perplexity (quick mode) beside the torch reference's. Writes JSON (default
@@ -37,6 +41,7 @@ import onnxruntime as ort
 import torch
 
 import fptq_compile as fptq
+from fptq_compile.capture import KVCache
 from fptq_compile.evaluate import perplexity, wikitext_token_ids
 from fptq_compile.exporters import OnnxLayout, export_onnx
 from fptq_compile.runtime import OrtCausalLM, session_options
@@ -62,9 +67,13 @@ def _session(path: Path, threads: int, exact: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _feeds(session: ort.InferenceSession, input_ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    return {"input_ids": input_ids, **dict(zip(names[1:], past, strict=True))}
+def _copied_cache_feeds(model: OrtCausalLM, token: torch.Tensor, cache: KVCache) -> dict[str, np.ndarray]:
+    """Feeds for one step through plain ``session.run``: ORT copies the past into a new present."""
+    feeds = {"input_ids": token.numpy(), "attention_mask": np.ones((1, cache[0][0].shape[2] + 1), np.int64)}
+    for layer, (key, value) in enumerate(cache):
+        feeds[f"past_key_values.{layer}.key"] = np.ascontiguousarray(key.numpy())
+        feeds[f"past_key_values.{layer}.value"] = np.ascontiguousarray(value.numpy())
+    return feeds
 
 
 def main() -> None:
@@ -101,30 +110,46 @@ def main() -> None:
             compiled["w4a8_lm_head_int8"], folder / "w4a8_lm_head_int8.onnx", OnnxLayout.ORT
         ),
     }
-    sessions = {name: _session(exports[export].path, args.threads, exact) for name, (export, exact) in SESSIONS.items()}
+    # Each model as the project's runtime runs it (OrtCausalLM: a fused model's cache is one
+    # shared buffer that ORT appends to in place; the qdq layout's is copied every step).
+    sessions = {
+        name: OrtCausalLM.from_session(_session(exports[export].path, args.threads, exact), name)
+        for name, (export, exact) in SESSIONS.items()
+    }
 
     layout = compiled["w4a8"].kv_layout
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, loaded.model.config.vocab_size, (1, 512)).astype(np.int64)
-    empty = [np.zeros((1, layout.num_kv_heads, 0, layout.head_dim), np.float32)] * (2 * layout.num_layers)
-    token = np.array([[42]], dtype=np.int64)
+    prompt = torch.randint(0, loaded.model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    token = torch.tensor([[42]])
     prefill: dict[str, list[float]] = {name: [] for name in sessions}
     decode: dict[str, list[float]] = {name: [] for name in sessions}
+    decode_copied: dict[str, list[float]] = {name: [] for name in sessions}
     caches = {}
     for name, session in sessions.items():  # warm-up, and the 512-token cache each decodes against
-        caches[name] = session.run(None, _feeds(session, prompt, empty))[1:]
+        caches[name] = session.step(prompt, layout.empty(1))[1]
     for _ in range(args.runs):
         for name, session in sessions.items():  # round-robin: drift hits every model alike
             start = time.perf_counter()
-            session.run(None, _feeds(session, prompt, empty))
+            session.step(prompt, layout.empty(1))
             prefill[name].append(time.perf_counter() - start)
-            feeds = _feeds(session, token, caches[name])
+            if session.shared_buffer:
+                # The prefill above started a new buffer: copy the 512-token cache into one
+                # with room for the step, outside the timing (the steps then run in place).
+                grown = session.step(token, caches[name])[1]
+                caches[name] = [(key[:, :, :512], value[:, :, :512]) for key, value in grown]
             steps = []
             for _ in range(DECODE_STEPS):
                 start = time.perf_counter()
-                session.run(None, feeds)
+                session.step(token, caches[name])
                 steps.append(time.perf_counter() - start)
             decode[name].append(statistics.median(steps))
+            if session.shared_buffer:  # the same step with the cache copied (plain session.run)
+                feeds = _copied_cache_feeds(session, token, caches[name])
+                steps = []
+                for _ in range(DECODE_STEPS):
+                    start = time.perf_counter()
+                    session.session.run(None, feeds)
+                    steps.append(time.perf_counter() - start)
+                decode_copied[name].append(statistics.median(steps))
 
     results = {}
     for name, (export_name, exact) in SESSIONS.items():
@@ -139,6 +164,11 @@ def main() -> None:
             row[f"{label}_ratio"] = round(statistics.median(times[name]) / statistics.median(times["float"]), 3)
             paired = [mine / base for mine, base in zip(times[name], times["float"], strict=True)]
             row[f"{label}_ratio_paired"] = round(statistics.median(paired), 3)
+        if decode_copied[name]:
+            row["decode_copied_cache_ms_median"] = round(1e3 * statistics.median(decode_copied[name]), 2)
+            row["decode_copied_cache_ratio"] = round(
+                statistics.median(decode_copied[name]) / statistics.median(decode_copied["float"]), 3
+            )
         results[name] = row
     for name in ("w4a8_ort", "w4a8_ort_level4", "w4a8_ort_lm_head_int8_level4"):
         export_name, exact = SESSIONS[name]
@@ -151,6 +181,11 @@ def main() -> None:
         results[name]["perplexity_gap_percent"] = round(100 * (measured / reference - 1), 3)
 
     for name, row in results.items():
+        copied = (
+            f" | cache copied {row['decode_copied_cache_ms_median']:>6.2f} ms ({row['decode_copied_cache_ratio']:.3f}x)"
+            if "decode_copied_cache_ms_median" in row
+            else ""
+        )
         gap = (
             f" | PPL torch {row['perplexity_torch']} -> ORT {row['perplexity_ort']}" if "perplexity_ort" in row else ""
         )
@@ -159,7 +194,7 @@ def main() -> None:
             f"{row['prefill_ms_median']:>7.1f} ms ({row['prefill_ratio']:.3f}x, "
             f"paired {row['prefill_ratio_paired']:.3f}x)"
             f" | decode @512 {row['decode_ms_median']:>6.2f} ms ({row['decode_ratio']:.3f}x, paired "
-            f"{row['decode_ratio_paired']:.3f}x) | level {row['accuracy_level'] or '-'}{gap}"
+            f"{row['decode_ratio_paired']:.3f}x){copied} | level {row['accuracy_level'] or '-'}{gap}"
         )
     linear = compiled["w4a8"].report.linear_weight_bytes
     summary = {

@@ -94,8 +94,13 @@ def test_ort_matches_the_torch_reference(tmp_path, policy, layout):
 
 def test_layouts_ops_domains_and_fusions(fptq_model, tmp_path):
     ort_export = export_onnx(fptq_model, tmp_path / "ort.onnx", OnnxLayout.ORT)
-    assert ort_export.fusions == OrtFusions(attention=2, skip_rms_norm=4, rms_norm_restored=1)
-    counts = op_counts(onnx.load(ort_export.path))
+    assert ort_export.fusions == OrtFusions(attention=2, skip_rms_norm=4, rms_norm_restored=1, attention_mask=True)
+    fused = onnx.load(ort_export.path)
+    assert [i.name for i in fused.graph.input[:2]] == ["input_ids", "attention_mask"]
+    # Only the attention reads the cache, so a runtime may pass a longer buffer as the cache.
+    cache_readers = {node.op_type for node in fused.graph.node for name in node.input if name.startswith("past_")}
+    assert cache_readers == {"GroupQueryAttention"}
+    counts = op_counts(fused)
     assert counts["GroupQueryAttention"] == 2 and counts["SkipSimplifiedLayerNormalization"] == 4
     assert counts["Slice"] == 4  # gate and up out of their merged MatMul; q/k/v go packed into the attention
     # Every merged int4 linear fuses into MatMulNBits when ORT loads the model.
@@ -169,6 +174,44 @@ def test_cached_generation_matches_torch(fptq_model, tmp_path):
     assert session.kv_layout == fptq_model.kv_layout
     prompt = torch.tensor([3, 14, 15, 92])
     assert torch.equal(fptq.generate_ids(session, prompt, 8), fptq.generate_ids(fptq_model, prompt, 8))
+
+
+def test_steps_on_the_shared_cache_buffer_match_fresh_caches(fptq_model, tmp_path, monkeypatch):
+    """OrtCausalLM binds one growing buffer as past and present; session.run with fresh caches
+    (ORT copying the past into a new present each step) gives the same logits and caches."""
+    from fptq_compile import runtime
+
+    monkeypatch.setattr(runtime, "BUFFER_MIN_LENGTH", 4)  # grows (doubles) twice over 14 positions
+    export_onnx(fptq_model, tmp_path / "model.onnx")
+    shared = OrtCausalLM.load(tmp_path / "model.onnx")
+    assert shared.shared_buffer
+    session = shared.session
+    names = [i.name for i in session.get_inputs()][2:]
+
+    def fresh_step(ids, past):
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((ids.shape[0], past[0].shape[2] + ids.shape[1]))}
+        feeds["attention_mask"] = feeds["attention_mask"].astype(np.int64)
+        logits, *present = session.run(None, {**feeds, **dict(zip(names, past, strict=True))})
+        return torch.from_numpy(logits), present
+
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(4))
+    cache = fptq_model.kv_layout.empty(2)
+    past = [tensor.numpy() for pair in cache for tensor in pair]
+    buffers = set()
+    for start, end in ((0, 4), *((i, i + 1) for i in range(4, 14))):
+        logits, cache = shared.step(ids[:, start:end], cache)
+        buffers.add(cache[0][0].data_ptr())
+        expected, past = fresh_step(ids[:, start:end], past)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        for tensor, reference in zip((t for pair in cache for t in pair), past, strict=True):
+            torch.testing.assert_close(tensor, torch.from_numpy(reference), rtol=1e-5, atol=1e-5)
+    assert cache[0][0].shape[2] == 14
+    assert len(buffers) == 3  # written in place, except when the buffer grew (4 -> 8 -> 16 positions)
+    # A cache that is not the buffer's (a copy) is copied in; the step is the same.
+    copied = [(key.clone(), value.clone()) for key, value in cache]
+    again, _ = shared.step(ids[:, -1:], copied)
+    expected, _ = fresh_step(ids[:, -1:], past)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_export_folder_is_self_contained_and_atomic(fptq_model, tmp_path):

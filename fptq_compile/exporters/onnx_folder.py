@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fptq_compile.errors import ExportError
+from fptq_compile.exporters.onnx_ort_fusions import ATTENTION_MASK
 from fptq_compile.exporters.onnx_qdq import OnnxExport, OnnxLayout, export_onnx
 from fptq_compile.io import atomic_directory
 from fptq_compile.pipeline import CompiledModel
@@ -71,7 +72,8 @@ def export_folder(
                 tokenizer.save_pretrained(staging)
             if model_config is not None:
                 model_config.save_pretrained(staging)
-                genai = genai_config(compiled, model_config)
+                attention_mask = result.fusions is not None and result.fusions.attention_mask
+                genai = genai_config(compiled, model_config, attention_mask)
                 (staging / "genai_config.json").write_text(json.dumps(genai, indent=1), encoding="utf-8")
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")
@@ -87,8 +89,9 @@ def export_folder(
     return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
 
 
-def genai_config(compiled: CompiledModel, model_config: Any) -> dict[str, Any]:
-    """An onnxruntime-genai ``genai_config.json`` for the exported decoder.
+def genai_config(compiled: CompiledModel, model_config: Any, attention_mask: bool = False) -> dict[str, Any]:
+    """An onnxruntime-genai ``genai_config.json`` for the exported decoder (which takes an
+    ``attention_mask`` input with ``attention_mask``).
 
     onnxruntime-genai's session runs ORT's default accuracy level for fused int4 MatMuls
     (int8 activations inside the op), so its numbers are ``OrtCausalLM.load(exact=False)``'s.
@@ -122,6 +125,7 @@ def genai_config(compiled: CompiledModel, model_config: Any) -> dict[str, Any]:
                 "num_key_value_heads": kv.num_kv_heads,
                 "inputs": {
                     "input_ids": "input_ids",
+                    **({"attention_mask": ATTENTION_MASK} if attention_mask else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },

@@ -8,11 +8,19 @@ exported decoder and repairs two things they leave behind:
   merged MatMul, see :func:`~fptq_compile.exporters.onnx_rewrites.merge_parallel_matmuls`);
 - residual add + RMSNorm become ``com.microsoft.SkipSimplifiedLayerNormalization``.
 
-Repairs: the fusion derives GQA's ``seqlens_k`` from the position ids, which have one row
-(``[1, S]``, broadcast over the batch), while ORT wants one entry per batch row, so it is
-expanded to the batch size; and an RMSNorm with no residual in front of it is left as an
-ONNX-domain ``SimplifiedLayerNormalization``, which ORT runs but ``onnx.checker`` does not
-know, so it is written back in standard ops. The int4/int8 Q/DQ nodes are not touched: the
+Then, when every layer's attention fused (so only ``GroupQueryAttention`` reads the cache),
+the model gets an ``attention_mask`` input ``[batch, total_length]`` (int64, ones): GQA's
+``seqlens_k`` becomes its row sums minus one and ``total_sequence_length`` its length, the
+convention of onnxruntime-genai's own GQA models. Nothing reads the cache's length any
+more, so a runtime may pass a cache buffer longer than its contents and bind it as the
+present output too: ORT then appends each step's keys and values in place instead of
+copying the whole cache (:class:`fptq_compile.runtime.OrtCausalLM` does). Without the mask
+(some attention unfused), GQA's ``seqlens_k``, which the fusion derives from the position
+ids of one row, is expanded to one entry per batch row.
+
+Repair: an RMSNorm with no residual in front of it is left as an ONNX-domain
+``SimplifiedLayerNormalization``, which ORT runs but ``onnx.checker`` does not know, so it
+is written back in standard ops. The int4/int8 Q/DQ nodes are not touched: the
 linears still fuse into ``MatMulNBits`` when the session starts.
 
 The fusion runs without one of onnxscript's default rewrite rules,
@@ -33,6 +41,7 @@ from unittest import mock
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript import rewriter
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from onnxscript.rewriter.rules.common import slice_split_rule
@@ -40,6 +49,7 @@ from onnxscript.rewriter.rules.common import slice_split_rule
 from fptq_compile.exporters.onnx_rewrites import constant_initializer, typed_like
 
 GQA = ("com.microsoft", "GroupQueryAttention")
+ATTENTION_MASK = "attention_mask"
 SKIP_RMS_NORM = ("com.microsoft", "SkipSimplifiedLayerNormalization")
 
 
@@ -52,6 +62,8 @@ class OrtFusions:
     rms_norm_restored: int
     unfused_reason: str = ""
     """Why the export kept the unfused graph instead (the counts are then 0)."""
+    attention_mask: bool = False
+    """The model takes an ``attention_mask`` and its cache may be a longer, shared buffer."""
 
 
 def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
@@ -69,10 +81,14 @@ def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
             "as separate ops (correct but slower). It is tested with transformers 5.18.",
             stacklevel=2,
         )
-    _seqlens_k_per_batch_row(model, attention)
+    masked = _only_attention_reads_the_cache(model)
+    if masked:
+        _lengths_from_attention_mask(model, attention)
+    else:
+        _seqlens_k_per_batch_row(model, attention)
     restored = _standard_rms_norms(model)
     skip_norms = sum((node.domain, node.op_type) == SKIP_RMS_NORM for node in model.graph)
-    return OrtFusions(len(attention), skip_norms, restored)
+    return OrtFusions(len(attention), skip_norms, restored, attention_mask=masked)
 
 
 @contextmanager
@@ -81,6 +97,57 @@ def _without_quadratic_rules() -> Iterator[None]:
     rules = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule is not slice_split_rule)
     with mock.patch.object(rewriter, "_DEFAULT_REWRITE_RULES", rules):
         yield
+
+
+def _cache_inputs(model: ir.Model) -> list[ir.Value]:
+    return [value for value in model.graph.inputs if (value.name or "").startswith("past_key_values.")]
+
+
+def _is_length_of(node: ir.Node) -> bool:
+    """``Shape(cache, start=2, end=3)``: the cache's length, the only thing read of it besides GQA."""
+    attributes = node.attributes
+    return node.op_type == "Shape" and attributes.get_int("start", 0) == 2 and attributes.get_int("end", -1) == 3
+
+
+def _only_attention_reads_the_cache(model: ir.Model) -> bool:
+    """Whether the cache inputs are read by ``GroupQueryAttention`` and for their length only."""
+    cache = _cache_inputs(model)
+    return bool(cache) and all(
+        (use.node.domain, use.node.op_type) == GQA or _is_length_of(use.node) for value in cache for use in value.uses()
+    )
+
+
+def _lengths_from_attention_mask(model: ir.Model, attention: list[ir.Node]) -> None:
+    """Add the ``attention_mask`` input; feed every GQA ``seqlens_k`` (row sums - 1, int32) and
+    ``total_sequence_length`` (its length, int32) from it, and any other use of the cache's
+    length (the position ids) from its length minus the new tokens'."""
+    graph = model.graph
+    mask = ir.Value(
+        name=ATTENTION_MASK, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "total_sequence"])
+    )
+    graph.inputs.insert(1, mask)
+    axis = constant_initializer(model, "fptq_mask_axis", np.array([1], np.int64))
+    one = constant_initializer(model, "fptq_mask_one", np.array(1, np.int64))
+    lengths = ir.node("ReduceSum", inputs=[mask, axis], attributes={"keepdims": 0})
+    last = ir.node("Sub", inputs=[lengths.outputs[0], one])
+    seqlens_k = ir.node("Cast", inputs=[last.outputs[0]], attributes={"to": ir.DataType.INT32})
+    total = ir.node("Shape", inputs=[mask], attributes={"start": 1, "end": 2})
+    total_int32 = ir.node("Cast", inputs=[total.outputs[0]], attributes={"to": ir.DataType.INT32})
+    new = ir.node("Shape", inputs=[graph.inputs[0]], attributes={"start": 1, "end": 2})
+    past = ir.node("Sub", inputs=[total.outputs[0], new.outputs[0]])
+    graph.insert_before(graph.node(0), [lengths, last, seqlens_k, total, total_int32, new, past])
+    for node in attention:
+        node.replace_input_with(5, seqlens_k.outputs[0])
+        node.replace_input_with(6, total_int32.outputs[0])
+    for value in _cache_inputs(model):
+        for use in value.uses():
+            if _is_length_of(use.node):
+                ir.convenience.replace_all_uses_with(use.node.outputs[0], past.outputs[0])
+    _drop_unused_nodes(model)
+
+
+def _drop_unused_nodes(model: ir.Model) -> None:
+    RemoveUnusedNodesPass()(model)
 
 
 def _seqlens_k_per_batch_row(model: ir.Model, attention: list[ir.Node]) -> None:

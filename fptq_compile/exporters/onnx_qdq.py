@@ -13,9 +13,10 @@ Two layouts with the same numbers (:class:`OnnxLayout`): ``QDQ`` keeps the weigh
 ``[N, K]`` as torch does (DQ -> Transpose -> MatMul); ``ORT`` stores them ``[K, N]``
 (DQ -> MatMul), which ONNX Runtime CPU fuses into ``MatMulNBits``.
 
-A causal LM's inputs are ``input_ids``, ``past_key_values.{i}.key|value``; its outputs
-``logits``, ``present.{i}.key|value`` (``[batch, kv_heads, length, head_dim]``), the names
-onnxruntime-genai and optimum use. Any other graph keeps the inputs it was captured with
+A causal LM's inputs are ``input_ids``, ``past_key_values.{i}.key|value`` (and, fused for
+ONNX Runtime, ``attention_mask``: see :mod:`~fptq_compile.exporters.onnx_ort_fusions`); its
+outputs ``logits``, ``present.{i}.key|value`` (``[batch, kv_heads, length, head_dim]``),
+the names onnxruntime-genai and optimum use. Any other graph keeps the inputs it was captured with
 (named as ``torch.onnx.export`` names them).
 """
 
