@@ -111,6 +111,24 @@ def test_layouts_ops_domains_and_fusions(fptq_model, tmp_path):
     assert {node.domain for node in onnx.load(qdq_export.path).graph.node} == {""}  # portable: standard ops only
 
 
+def test_a_float_model_gets_the_merged_matmuls_too(tmp_path):
+    """The float baseline of the speed comparison is fused as the W4A8 model is: q/k/v and gate/up
+    each one MatMul (its weights reach the merge as Transpose(initializer), not yet folded)."""
+    compiled = fptq.compile(tiny_llama(), fptq.RandomTokens(), passes=(), num_samples=1, seq_len=8, progress=False)
+    export = export_onnx(compiled, tmp_path / "float.onnx", OnnxLayout.ORT)
+    assert export.merged_matmuls == 4 and export.fusions is not None and export.fusions.attention == 2
+    model = onnx.load(export.path)
+    initializers = {t.name for t in model.graph.initializer}
+    merged = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1].startswith("fptq_merged_")]
+    assert len(merged) == 4
+    # No weight is transposed at run time any more.
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in initializers]
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    reference = compiled(ids)
+    relative = float((OrtCausalLM.load(export.path)(ids) - reference).abs().max() / reference.abs().max())
+    assert relative < 1e-5
+
+
 def test_attention_fusion_reports_layers_it_missed(tmp_path):
     import onnx_ir as ir
 

@@ -175,12 +175,14 @@ def typed_like(value: ir.Value, like: ir.Value, shape: ir.Shape | None = None) -
 
 @dataclass(frozen=True)
 class _ConstantMatMul:
-    """A MatMul whose right operand is constant: a float ``[K, N]`` initializer, or a blocked
-    ``DequantizeLinear(axis=0)`` of initializers (``tensors``: codes, scale, zero point)."""
+    """A MatMul whose right operand is constant: a float ``[K, N]`` initializer, the
+    ``Transpose`` of a float ``[N, K]`` one (an export the optimizer has not folded yet), or a
+    blocked ``DequantizeLinear(axis=0)`` of initializers (``tensors``: codes, scale, zero point)."""
 
     matmul: ir.Node
     dequantize: ir.Node | None
     tensors: tuple[ir.TensorProtocol, ...]
+    transpose: ir.Node | None = None
 
     @property
     def out_features(self) -> int:
@@ -199,6 +201,17 @@ def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
     if weight.const_value is not None:
         tensor = weight.const_value
         return _ConstantMatMul(node, None, (tensor,)) if len(tensor.shape) == 2 else None
+    transpose = weight.producer()
+    if transpose is not None and transpose.op_type == "Transpose" and len(weight.uses()) == 1:
+        source = transpose.inputs[0]
+        if (
+            source is None
+            or source.const_value is None
+            or len(source.const_value.shape) != 2
+            or list(transpose.attributes.get_ints("perm", ())) != [1, 0]
+        ):
+            return None
+        return _ConstantMatMul(node, None, (_transposed_lazily(source.const_value),), transpose)
     dequantize = weight.producer()
     if (
         dequantize is None
@@ -217,7 +230,8 @@ def _constant_matmul(node: ir.Node) -> _ConstantMatMul | None:
 def merge_parallel_matmuls(model: ir.Model) -> int:
     """Merge MatMuls that read one activation (q/k/v, gate/up) into one wide MatMul.
 
-    ``MatMul(x, W_i)`` for i = 1..n, each ``W_i`` a ``[K, N_i]`` initializer or a blocked
+    ``MatMul(x, W_i)`` for i = 1..n, each ``W_i`` a ``[K, N_i]`` initializer, the ``Transpose``
+    of an ``[N_i, K]`` one (float weights before the optimizer ran) or a blocked
     ``DequantizeLinear(axis=0)`` of one, becomes ``MatMul(x, concat(W_i))`` followed by one
     ``Slice`` per former output (on the last axis). Columns are independent and the int4
     blocks run along K, so the numbers are the same; ONNX Runtime then runs one
@@ -255,6 +269,13 @@ def constant_initializer(model: ir.Model, name: str, array: np.ndarray | ir.Tens
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(_dims(tensor)), type=ir.TensorType(tensor.dtype))
     model.graph.register_initializer(value)
     return value
+
+
+def _transposed_lazily(tensor: ir.TensorProtocol) -> ir.LazyTensor:
+    """``tensor`` (2-D) transposed when the data is read."""
+    return ir.LazyTensor(
+        lambda: ir.tensor(_transposed(tensor.numpy())), dtype=tensor.dtype, shape=ir.Shape(_dims(tensor)[::-1])
+    )
 
 
 def _concatenated(tensors: Sequence[ir.TensorProtocol], name: str) -> ir.LazyTensor:
@@ -300,8 +321,9 @@ def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMat
         ir.convenience.replace_all_uses_with(member.matmul.outputs[0], piece.outputs[0])
         start = end
     for member in group:
-        replaced = [member.matmul, *([member.dequantize] if member.dequantize else [])]
-        constants = member.dequantize.inputs if member.dequantize else member.matmul.inputs[1:]
+        producer = member.dequantize or member.transpose
+        replaced = [member.matmul, *([producer] if producer else [])]
+        constants = producer.inputs if producer else member.matmul.inputs[1:]
         model.graph.remove(replaced, safe=True)
         for value in constants:  # the separate weights, now unused
             if value is not None and value.name and value.name in model.graph.initializers and not value.uses():
