@@ -20,8 +20,10 @@ ids of one row, is expanded to one entry per batch row.
 
 Repair: an RMSNorm with no residual in front of it is left as an ONNX-domain
 ``SimplifiedLayerNormalization``, which ORT runs but ``onnx.checker`` does not know, so it
-is written back in standard ops. The int4/int8 Q/DQ nodes are not touched: the
-linears still fuse into ``MatMulNBits`` when the session starts.
+is written back in standard ops. Last, each static activation's scale is folded into the
+norm weight in front of it and the int4 weight scales behind it
+(:func:`~fptq_compile.exporters.onnx_rewrites.fold_static_scales`): the unit-scale Q/DQ
+pair stays, and the linears still fuse into ``MatMulNBits`` when the session starts.
 
 The fusion runs without one of onnxscript's default rewrite rules,
 ``slice_split_rule`` (two ``Slice`` -> ``Split``): onnxscript 0.7 matches a rule with two
@@ -46,7 +48,7 @@ from onnxscript import rewriter
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from onnxscript.rewriter.rules.common import slice_split_rule
 
-from fptq_compile.exporters.onnx_rewrites import constant_initializer, typed_like
+from fptq_compile.exporters.onnx_rewrites import constant_initializer, fold_static_scales, typed_like
 
 GQA = ("com.microsoft", "GroupQueryAttention")
 ATTENTION_MASK = "attention_mask"
@@ -64,6 +66,8 @@ class OrtFusions:
     """Why the export kept the unfused graph instead (the counts are then 0)."""
     attention_mask: bool = False
     """The model takes an ``attention_mask`` and its cache may be a longer, shared buffer."""
+    folded_static_scales: int = 0
+    """Static activation ``Div``/``Mul`` nodes folded into norm weights and int4 weight scales."""
 
 
 def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
@@ -88,7 +92,8 @@ def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
         _seqlens_k_per_batch_row(model, attention)
     restored = _standard_rms_norms(model)
     skip_norms = sum((node.domain, node.op_type) == SKIP_RMS_NORM for node in model.graph)
-    return OrtFusions(len(attention), skip_norms, restored, attention_mask=masked)
+    folded = fold_static_scales(model)
+    return OrtFusions(len(attention), skip_norms, restored, attention_mask=masked, folded_static_scales=folded)
 
 
 @contextmanager

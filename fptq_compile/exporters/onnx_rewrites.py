@@ -328,3 +328,126 @@ def _merge_group(model: ir.Model, activation: ir.Value, group: list[_ConstantMat
         for value in constants:  # the separate weights, now unused
             if value is not None and value.name and value.name in model.graph.initializers and not value.uses():
                 model.graph.initializers.pop(value.name)
+
+
+# Normalizations whose output is ``normalized(x) * weight``, by (domain, op type): the
+# weight's input position.
+_NORM_WEIGHT_INPUT = {
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): 2,
+    ("", "SimplifiedLayerNormalization"): 1,
+    ("", "Mul"): 1,  # an RMSNorm in standard ops ends in Mul(normalized, weight)
+}
+
+
+def fold_static_scales(model: ir.Model) -> int:
+    """Fold each static activation's scale into the tensors beside it (``ort`` layout).
+
+    :func:`static_qdq_as_unit_scale` writes a static activation as
+    ``Div(x, s) -> Q(1) -> DQ(1) -> Mul(s) -> MatMul(DQ(W, w_scale))``. Here
+
+    - the ``Mul(s)`` goes into the int4 weights' scales, ``MatMul(DQ(W, w_scale * s))``, when
+      every reader of the ``Mul`` is such a MatMul whose weight scale nothing else reads; the
+      unit-scale ``Q -> DQ`` pair in front of it becomes ``Round -> Clip(-128, 127)``, the same
+      numbers (round half to even, saturate to int8) in float, because a ``DequantizeLinear``
+      right in front of the MatMul would stop ONNX Runtime from fusing it into ``MatMulNBits``;
+    - the ``Div(x, s)`` goes into the norm in front of it, ``norm(x, weight / s)``, when only
+      the ``Div`` reads the norm's output and only the norm reads its weight.
+
+    Both are exact in real arithmetic (``round(x / s)`` and ``(q * s) @ W`` reassociated); in
+    float32 an element may move by an ulp. A decoding step runs two small nodes fewer per
+    static activation after a norm, one fewer elsewhere. Returns the nodes removed.
+    """
+    removed = 0
+    for quantize in [node for node in model.graph if node.op_type == "QuantizeLinear"]:
+        divide = quantize.inputs[0].producer() if quantize.inputs[0] is not None else None
+        if divide is None or divide.op_type != "Div" or _scalar(quantize.inputs[1]) != 1.0:
+            continue
+        scale = _scalar(divide.inputs[1])
+        if scale is None:
+            continue
+        removed += _fold_into_weight_scales(model, quantize, scale)
+        removed += _fold_into_norm_weight(model, divide, scale)
+    return removed
+
+
+def _fold_into_weight_scales(model: ir.Model, quantize: ir.Node, scale: float) -> int:
+    """``Q(1) -> DQ(1) -> Mul(s) -> MatMul(DQ(W, w_scale))`` as ``Round -> Clip ->
+    MatMul(DQ(W, w_scale * s))``; 1 (node removed) if folded."""
+    dequantize = _only_reader(quantize.outputs[0])
+    multiply = _only_reader(dequantize.outputs[0]) if dequantize is not None else None
+    if (
+        dequantize is None
+        or multiply is None
+        or dequantize.op_type != "DequantizeLinear"
+        or _scalar(dequantize.inputs[1]) != 1.0
+        or multiply.op_type != "Mul"
+        or multiply.inputs[0] is not dequantize.outputs[0]
+        or _scalar(multiply.inputs[1]) != scale
+        or multiply.outputs[0].is_graph_output()
+    ):
+        return 0
+    readers = [use.node for use in multiply.outputs[0].uses()]
+    found = [_constant_matmul(node) if node.op_type == "MatMul" else None for node in readers]
+    weight_scales = [
+        member.dequantize.inputs[1] if member is not None and member.dequantize is not None else None
+        for member in found
+    ]
+    if (
+        not readers
+        or any(node.inputs[0] is not multiply.outputs[0] for node in readers)
+        or any(value is None or value.const_value is None or len(value.uses()) != 1 for value in weight_scales)
+    ):
+        return 0
+    for value in weight_scales:
+        assert value is not None and value.const_value is not None  # checked above
+        times = functools.partial(_times, factor=scale)
+        _derive(value, value.const_value, times, ir.DataType.FLOAT, _dims(value.const_value))
+    activation = quantize.inputs[0]
+    assert activation is not None  # a QuantizeLinear has its input
+    low = constant_initializer(model, "fptq_int8_min", np.array(-128.0, np.float32))
+    high = constant_initializer(model, "fptq_int8_max", np.array(127.0, np.float32))
+    rounded = ir.node("Round", inputs=[activation])
+    clipped = ir.node("Clip", inputs=[rounded.outputs[0], low, high])
+    model.graph.insert_before(quantize, [rounded, clipped])
+    for node in (rounded, clipped):
+        typed_like(node.outputs[0], activation)
+    ir.convenience.replace_all_uses_with(multiply.outputs[0], clipped.outputs[0])
+    model.graph.remove([multiply, dequantize, quantize], safe=True)
+    return 1
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _fold_into_norm_weight(model: ir.Model, divide: ir.Node, scale: float) -> int:
+    """``norm(x, weight) -> Div(s)`` as ``norm(x, weight / s)``; 1 (node removed) if folded."""
+    normalized = divide.inputs[0]
+    norm = normalized.producer() if normalized is not None else None
+    if normalized is None or norm is None or normalized is not norm.outputs[0]:
+        return 0
+    position = _NORM_WEIGHT_INPUT.get((norm.domain if norm.domain != "ai.onnx" else "", norm.op_type))
+    weight = norm.inputs[position] if position is not None and len(norm.inputs) > position else None
+    if (
+        weight is None
+        or weight.const_value is None
+        or weight.const_value.dtype != ir.DataType.FLOAT
+        or len(weight.uses()) != 1
+        or len(normalized.uses()) != 1
+        or normalized.is_graph_output()
+    ):
+        return 0
+    divided = functools.partial(_divided, divisor=scale)
+    _derive(weight, weight.const_value, divided, ir.DataType.FLOAT, _dims(weight.const_value))
+    ir.convenience.replace_all_uses_with(divide.outputs[0], normalized)
+    model.graph.remove(divide, safe=True)
+    return 1
+
+
+def _times(array: np.ndarray, factor: float) -> np.ndarray:
+    return (array * np.float32(factor)).astype(np.float32)
+
+
+def _divided(array: np.ndarray, divisor: float) -> np.ndarray:
+    return (array / np.float32(divisor)).astype(np.float32)
