@@ -417,8 +417,8 @@ def _fold_into_weight_scales(model: ir.Model, quantize: ir.Node, scale: float) -
 
 
 def _only_reader(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+    readers = [use.node for use in value.uses()]
+    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
 
 
 def _fold_into_norm_weight(model: ir.Model, divide: ir.Node, scale: float) -> int:
