@@ -11,7 +11,7 @@ import pytest
 from conftest import op_counts, optimized_by_ort
 from onnx import TensorProto, helper, numpy_helper
 
-from fptq_compile.exporters.onnx_rewrites import fold_static_scales
+from fptq_compile.exporters.onnx_rewrites import fold_static_scales, int8_weights_from_float_tables
 from fptq_compile.runtime import session_options
 
 FEATURES, OUTPUTS, BLOCK = 64, 16, 32
@@ -111,3 +111,58 @@ def test_a_graph_without_static_activations_is_left_unchanged():
     before = _op_types(model)
     assert fold_static_scales(model) == 0
     assert _op_types(model) == before
+
+
+def _tied_int8_head(codes_offset: int = 0) -> onnx.ModelProto:
+    """``Gather(table, ids) -> MatMul(DQ(codes, scale))`` with the codes the table quantized
+    (to int8 in blocks along its rows), as a tied ``lm_head`` exports; ``codes_offset`` moves one code."""
+    rng = np.random.default_rng(2)
+    vocabulary = 24
+    table = rng.standard_normal((vocabulary, FEATURES)).astype(np.float32)
+    scale = (np.abs(table.reshape(vocabulary, -1, BLOCK)).max(-1) / np.float32(127.5)).astype(np.float32)
+    codes = np.clip(np.rint(table / np.repeat(scale, BLOCK, axis=1)), -128, 127).astype(np.int8).T.copy()
+    codes[0, 0] += codes_offset
+    tensors = {"table": table, "codes_weight_int8": codes, "scale": np.ascontiguousarray(scale.T)}
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+        helper.make_node("DequantizeLinear", ["codes_weight_int8", "scale"], ["w"], axis=0, block_size=BLOCK),
+        helper.make_node("MatMul", ["embedded", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied_head",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, vocabulary])],
+        [numpy_helper.from_array(array, name) for name, array in tensors.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run_ids(model: onnx.ModelProto) -> np.ndarray:
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(exact=True), providers=["CPUExecutionProvider"]
+    )
+    return session.run(["y"], {"ids": np.array([[0, 5, 23]])})[0]
+
+
+def test_int8_codes_of_a_float_table_are_computed_from_it_at_load(tmp_path):
+    proto = _tied_int8_head()
+    model = ir.from_proto(proto)
+    assert int8_weights_from_float_tables(model) == 1
+    assert _op_types(model) == ["Gather", "Transpose", "QuantizeLinear", "DequantizeLinear", "MatMul"]
+    assert "codes_weight_int8" not in model.graph.initializers  # the file no longer holds the codes
+    rewritten = ir.to_proto(model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    # ONNX Runtime folds Transpose and QuantizeLinear into int8 codes and runs an 8-bit MatMulNBits.
+    onnx.save(rewritten, tmp_path / "rewritten.onnx")
+    optimized = optimized_by_ort(tmp_path / "rewritten.onnx", tmp_path)
+    assert op_counts(optimized) == {"Gather": 1, "MatMulNBits": 1}
+    np.testing.assert_allclose(_run_ids(rewritten), _run_ids(proto), rtol=1e-6, atol=1e-6)
+    assert int8_weights_from_float_tables(model) == 0  # nothing left to rewrite
+
+
+def test_int8_codes_that_are_not_a_table_quantized_stay_stored():
+    model = ir.from_proto(_tied_int8_head(codes_offset=1))  # one code off, as GPTQ would move it
+    before = _op_types(model)
+    assert int8_weights_from_float_tables(model) == 0
+    assert _op_types(model) == before and "codes_weight_int8" in model.graph.initializers

@@ -22,8 +22,11 @@ Repair: an RMSNorm with no residual in front of it is left as an ONNX-domain
 ``SimplifiedLayerNormalization``, which ORT runs but ``onnx.checker`` does not know, so it
 is written back in standard ops. Last, each static activation's scale is folded into the
 norm weight in front of it and the int4 weight scales behind it
-(:func:`~fptq_compile.exporters.onnx_rewrites.fold_static_scales`): the unit-scale Q/DQ
-pair stays, and the linears still fuse into ``MatMulNBits`` when the session starts.
+(:func:`~fptq_compile.exporters.onnx_rewrites.fold_static_scales`; its rounding is written
+``Round -> Clip``), and the linears still fuse into ``MatMulNBits`` when the session starts. And
+int8 weight-only codes that are a float table of the file quantized (a tied ``lm_head``)
+are computed from it when the session starts instead of stored
+(:func:`~fptq_compile.exporters.onnx_rewrites.int8_weights_from_float_tables`).
 
 The fusion runs without one of onnxscript's default rewrite rules,
 ``slice_split_rule`` (two ``Slice`` -> ``Split``): onnxscript 0.7 matches a rule with two
@@ -48,7 +51,12 @@ from onnxscript import rewriter
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from onnxscript.rewriter.rules.common import slice_split_rule
 
-from fptq_compile.exporters.onnx_rewrites import constant_initializer, fold_static_scales, typed_like
+from fptq_compile.exporters.onnx_rewrites import (
+    constant_initializer,
+    fold_static_scales,
+    int8_weights_from_float_tables,
+    typed_like,
+)
 
 GQA = ("com.microsoft", "GroupQueryAttention")
 ATTENTION_MASK = "attention_mask"
@@ -68,6 +76,9 @@ class OrtFusions:
     """The model takes an ``attention_mask`` and its cache may be a longer, shared buffer."""
     folded_static_scales: int = 0
     """Static activation ``Div``/``Mul`` nodes folded into norm weights and int4 weight scales."""
+    int8_weights_from_tables: int = 0
+    """int8 weight-only layers whose codes ONNX Runtime computes from a float table of the file
+    (a tied ``lm_head`` from the embedding) when the session starts, instead of stored."""
 
 
 def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
@@ -93,7 +104,15 @@ def fuse_for_onnx_runtime(model: ir.Model, num_layers: int) -> OrtFusions:
     restored = _standard_rms_norms(model)
     skip_norms = sum((node.domain, node.op_type) == SKIP_RMS_NORM for node in model.graph)
     folded = fold_static_scales(model)
-    return OrtFusions(len(attention), skip_norms, restored, attention_mask=masked, folded_static_scales=folded)
+    from_tables = int8_weights_from_float_tables(model)
+    return OrtFusions(
+        len(attention),
+        skip_norms,
+        restored,
+        attention_mask=masked,
+        folded_static_scales=folded,
+        int8_weights_from_tables=from_tables,
+    )
 
 
 @contextmanager

@@ -451,3 +451,82 @@ def _times(array: np.ndarray, factor: float) -> np.ndarray:
 
 def _divided(array: np.ndarray, divisor: float) -> np.ndarray:
     return (array / np.float32(divisor)).astype(np.float32)
+
+
+# Names the W4A8 pass gives int8 weight-only codes.
+INT8_WEIGHT_SUFFIX = "_weight_int8"
+
+
+def int8_weights_from_float_tables(model: ir.Model) -> int:
+    """Let int8 weight-only codes that are a float initializer of the graph, quantized, be
+    computed from it when the session starts instead of stored (``ort`` layout).
+
+    A tied ``lm_head`` quantized to int8 (``int8_weight_only``) reads codes that round-to-
+    nearest made of the embedding table, which the file holds in float32 anyway. When the
+    codes are exactly ``QuantizeLinear`` of such a table with the layer's own scales, the
+    blocked ``DequantizeLinear`` reads ``QuantizeLinear(Transpose(table))`` instead: ONNX
+    Runtime folds the two into int8 codes when the session starts (and still fuses the
+    ``DequantizeLinear -> MatMul`` into an 8-bit ``MatMulNBits``), and the file no longer
+    holds the codes. Codes that match no table (GPTQ's, or an untied head) stay stored.
+    Returns the number of weights rewritten.
+    """
+    tables = [
+        value
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+        and value.const_value.dtype == ir.DataType.FLOAT
+        and len(value.const_value.shape) == 2
+    ]
+    rewritten = 0
+    for dequantize in _blocked_dequantize_nodes(model):
+        codes = dequantize.inputs[0]
+        scale = dequantize.inputs[1]
+        if (
+            codes is None
+            or scale is None
+            or len(dequantize.inputs) > 2
+            or dequantize.attributes.get_int("axis", 1) != 0
+            or not (codes.name or "").endswith(INT8_WEIGHT_SUFFIX)
+            or codes.const_value is None
+            or scale.const_value is None
+            or len(codes.uses()) != 1
+        ):
+            continue
+        block_size = dequantize.attributes.get_int("block_size", 0)
+        shape = _dims(codes.const_value)
+        scales = np.repeat(scale.const_value.numpy(), block_size, axis=0)[: shape[0]]
+        source = _table_quantizing_to(tables, codes.const_value.numpy(), scales)
+        if source is None:
+            continue
+        transpose = ir.node("Transpose", inputs=[source], attributes={"perm": [1, 0]})
+        quantize = ir.node(
+            "QuantizeLinear",
+            inputs=[transpose.outputs[0], scale],
+            attributes={"axis": 0, "block_size": block_size, "output_dtype": ir.DataType.INT8},
+        )
+        model.graph.insert_before(dequantize, [transpose, quantize])
+        transpose.outputs[0].shape = ir.Shape(shape)
+        transpose.outputs[0].dtype = ir.DataType.FLOAT
+        quantize.outputs[0].shape = ir.Shape(shape)
+        quantize.outputs[0].dtype = ir.DataType.INT8
+        dequantize.replace_input_with(0, quantize.outputs[0])
+        if codes.name in model.graph.initializers and not codes.uses():
+            model.graph.initializers.pop(codes.name)
+        rewritten += 1
+    return rewritten
+
+
+def _table_quantizing_to(tables: list[ir.Value], codes: np.ndarray, scales: np.ndarray) -> ir.Value | None:
+    """The ``[N, K]`` float table whose transpose quantizes to ``codes [K, N]`` with ``scales``."""
+    for table in tables:
+        tensor = table.const_value
+        if tensor is None or _dims(tensor) != codes.shape[::-1]:
+            continue
+        if np.array_equal(_quantize_int8(tensor.numpy().T, scales), codes):
+            return table
+    return None
+
+
+def _quantize_int8(array: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """ONNX ``QuantizeLinear`` to int8 with zero point 0: round half to even, saturate."""
+    return np.clip(np.rint(array / scale), -128, 127).astype(np.int8)
