@@ -510,7 +510,7 @@ def int8_weights_from_float_tables(model: ir.Model) -> int:
         quantize.outputs[0].shape = ir.Shape(shape)
         quantize.outputs[0].dtype = ir.DataType.INT8
         dequantize.replace_input_with(0, quantize.outputs[0])
-        if codes.name in model.graph.initializers and not codes.uses():
+        if codes.name and codes.name in model.graph.initializers and not codes.uses():
             model.graph.initializers.pop(codes.name)
         rewritten += 1
     return rewritten
