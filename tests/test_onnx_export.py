@@ -57,12 +57,12 @@ def test_structure_int4_weights_and_activation_qdq(fptq_model, tmp_path, layout)
     assert axes == ({0} if layout is OnnxLayout.ORT else {1})
     groups = fptq_model.plan.groups
     counts = op_counts(model)
-    # One activation Q/DQ chain per group (q/k/v and gate/up share theirs); the ORT layout writes
-    # a static one as Round -> Clip, its scale folded into its neighbours (fold_static_scales).
+    # One activation Q/DQ chain per group (q/k/v and gate/up share theirs); the ORT layout folds a
+    # static one's scale into its neighbours and dequantizes it with a Cast (fold_static_scales).
     dynamic = sum(g.activation.kind is fptq.ActivationClass.DYNAMIC for g in groups)
     assert len(groups) == 8 and dynamic == 2
-    assert counts["QuantizeLinear"] == (len(groups) if layout is OnnxLayout.QDQ else dynamic)
-    assert counts["Round"] == (0 if layout is OnnxLayout.QDQ else len(groups) - dynamic)
+    assert counts["QuantizeLinear"] == len(groups)
+    assert counts["DequantizeLinear"] - weights == (len(groups) if layout is OnnxLayout.QDQ else dynamic)
     # Per-token chains start with Abs (GroupQueryAttention's sequence lengths use ReduceMax too).
     assert counts["Abs"] == sum(g.activation.kind is fptq.ActivationClass.DYNAMIC for g in groups)
     # The ORT layout adds an attention mask: GroupQueryAttention reads the sequence lengths from it.
@@ -107,10 +107,11 @@ def test_layouts_ops_domains_and_fusions(fptq_model, tmp_path):
     fused = onnx.load(ort_export.path)
     static = [g for g in fptq_model.plan.groups if g.activation.kind is not fptq.ActivationClass.DYNAMIC]
     assert len(static) == 6
-    # Static activations reach their MatMul rounded and clipped, with no Mul by their scale.
-    producers = {output: node.op_type for node in fused.graph.node for output in node.output}
-    activations = [producers[node.input[0]] for node in fused.graph.node if node.op_type == "MatMul"]
-    assert activations.count("Clip") == len(static)
+    # Static activations reach their MatMul from a Cast of their int8 codes, with no Mul by their scale.
+    producers = {output: node for node in fused.graph.node for output in node.output}
+    casts = [producers[node.input[0]] for node in fused.graph.node if node.op_type == "MatMul"]
+    codes = [producers[cast.input[0]].op_type for cast in casts if cast.op_type == "Cast"]
+    assert codes.count("QuantizeLinear") == len(static)
     assert [i.name for i in fused.graph.input[:2]] == ["input_ids", "attention_mask"]
     # Only the attention reads the cache, so a runtime may pass a longer buffer as the cache.
     cache_readers = {node.op_type for node in fused.graph.node for name in node.input if name.startswith("past_")}

@@ -22,8 +22,8 @@ Repair: an RMSNorm with no residual in front of it is left as an ONNX-domain
 ``SimplifiedLayerNormalization``, which ORT runs but ``onnx.checker`` does not know, so it
 is written back in standard ops. Last, each static activation's scale is folded into the
 norm weight in front of it and the int4 weight scales behind it
-(:func:`~fptq_compile.exporters.onnx_rewrites.fold_static_scales`; its rounding is written
-``Round -> Clip``), and the linears still fuse into ``MatMulNBits`` when the session starts. And
+(:func:`~fptq_compile.exporters.onnx_rewrites.fold_static_scales`; its codes are dequantized
+by a ``Cast``), and the linears still fuse into ``MatMulNBits`` when the session starts. And
 int8 weight-only codes that are a float table of the file quantized (a tied ``lm_head``)
 are computed from it when the session starts instead of stored
 (:func:`~fptq_compile.exporters.onnx_rewrites.int8_weights_from_float_tables`).

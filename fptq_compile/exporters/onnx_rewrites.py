@@ -347,15 +347,15 @@ def fold_static_scales(model: ir.Model) -> int:
 
     - the ``Mul(s)`` goes into the int4 weights' scales, ``MatMul(DQ(W, w_scale * s))``, when
       every reader of the ``Mul`` is such a MatMul whose weight scale nothing else reads; the
-      unit-scale ``Q -> DQ`` pair in front of it becomes ``Round -> Clip(-128, 127)``, the same
-      numbers (round half to even, saturate to int8) in float, because a ``DequantizeLinear``
-      right in front of the MatMul would stop ONNX Runtime from fusing it into ``MatMulNBits``;
+      unit-scale ``DequantizeLinear`` becomes a ``Cast`` to float (the same numbers), because a
+      ``DequantizeLinear`` right in front of the MatMul would stop ONNX Runtime from fusing it
+      into ``MatMulNBits``;
     - the ``Div(x, s)`` goes into the norm in front of it, ``norm(x, weight / s)``, when only
       the ``Div`` reads the norm's output and only the norm reads its weight.
 
     Both are exact in real arithmetic (``round(x / s)`` and ``(q * s) @ W`` reassociated); in
-    float32 an element may move by an ulp. A decoding step runs two small nodes fewer per
-    static activation after a norm, one fewer elsewhere. Returns the nodes removed.
+    float32 an element may move by an ulp. A step runs two small nodes fewer per static
+    activation after a norm, one fewer elsewhere. Returns the nodes removed.
     """
     removed = 0
     for quantize in [node for node in model.graph if node.op_type == "QuantizeLinear"]:
@@ -371,7 +371,7 @@ def fold_static_scales(model: ir.Model) -> int:
 
 
 def _fold_into_weight_scales(model: ir.Model, quantize: ir.Node, scale: float) -> int:
-    """``Q(1) -> DQ(1) -> Mul(s) -> MatMul(DQ(W, w_scale))`` as ``Round -> Clip ->
+    """``Q(1) -> DQ(1) -> Mul(s) -> MatMul(DQ(W, w_scale))`` as ``Q(1) -> Cast ->
     MatMul(DQ(W, w_scale * s))``; 1 (node removed) if folded."""
     dequantize = _only_reader(quantize.outputs[0])
     multiply = _only_reader(dequantize.outputs[0]) if dequantize is not None else None
@@ -402,17 +402,11 @@ def _fold_into_weight_scales(model: ir.Model, quantize: ir.Node, scale: float) -
         assert value is not None and value.const_value is not None  # checked above
         times = functools.partial(_times, factor=scale)
         _derive(value, value.const_value, times, ir.DataType.FLOAT, _dims(value.const_value))
-    activation = quantize.inputs[0]
-    assert activation is not None  # a QuantizeLinear has its input
-    low = constant_initializer(model, "fptq_int8_min", np.array(-128.0, np.float32))
-    high = constant_initializer(model, "fptq_int8_max", np.array(127.0, np.float32))
-    rounded = ir.node("Round", inputs=[activation])
-    clipped = ir.node("Clip", inputs=[rounded.outputs[0], low, high])
-    model.graph.insert_before(quantize, [rounded, clipped])
-    for node in (rounded, clipped):
-        typed_like(node.outputs[0], activation)
-    ir.convenience.replace_all_uses_with(multiply.outputs[0], clipped.outputs[0])
-    model.graph.remove([multiply, dequantize, quantize], safe=True)
+    cast = ir.node("Cast", inputs=[quantize.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+    model.graph.insert_before(dequantize, cast)
+    typed_like(cast.outputs[0], multiply.outputs[0])
+    ir.convenience.replace_all_uses_with(multiply.outputs[0], cast.outputs[0])
+    model.graph.remove([multiply, dequantize], safe=True)
     return 1
 
 
