@@ -9,7 +9,9 @@ Models:
 - ``w4a8_ort``: the default compile (error-driven W4A8, int4 g128 asymmetric), ``ort`` layout;
 - ``w4a8_qdq``: the same model in the portable ``qdq`` layout;
 - ``w4a8_ort_lm_head_int8``: also ``lm_head`` as an int8 weight-only layer
-  (``int8_weight_only=("lm_head",)``; the embedding table stays float32).
+  (``int8_weight_only=("lm_head",)``; the embedding table stays float32, and SmolLM2's head
+  being tied to it, ONNX Runtime computes the head's int8 codes from it when the session
+  starts, so the file holds no second copy).
 
 W4A8 sessions run at accuracy level 1 (the fused int4 MatMuls compute in float: the torch
 reference's numbers) and at ORT's default level 4 (int8 activations inside ``MatMulNBits``).
