@@ -8,6 +8,11 @@
 - :func:`static_qdq_as_unit_scale`: static Q/DQ pairs with unit scales between a Div and a
   Mul, so that fusion is not blocked.
 - :func:`merge_parallel_matmuls`: MatMuls reading one activation become one wider MatMul.
+- :func:`fold_static_scales` (after the fusions): a static activation's scale goes into the
+  norm weight in front of it and the int4 weight scales behind it.
+- :func:`int8_weights_from_float_tables` (after the fusions): int8 weight-only codes that
+  are a float table of the file quantized (a tied ``lm_head``) are computed from it when
+  the session starts instead of stored.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ def _derive(
     value.shape = ir.Shape(shape)
 
 
-# Names the W4A8 pass gives int4 weight tensors (int8 weight-only codes end in ``_weight_int8``).
+# Names the W4A8 pass gives int4 weight tensors, and int8 weight-only codes.
 INT4_TENSOR_SUFFIXES = ("_weight_int4", "_weight_zero_point")
+INT8_WEIGHT_SUFFIX = "_weight_int8"
 
 
 def pack_int4_weights(model: ir.Model) -> int:
@@ -445,10 +451,6 @@ def _times(array: np.ndarray, factor: float) -> np.ndarray:
 
 def _divided(array: np.ndarray, divisor: float) -> np.ndarray:
     return (array / np.float32(divisor)).astype(np.float32)
-
-
-# Names the W4A8 pass gives int8 weight-only codes.
-INT8_WEIGHT_SUFFIX = "_weight_int8"
 
 
 def int8_weights_from_float_tables(model: ir.Model) -> int:
