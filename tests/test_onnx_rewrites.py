@@ -56,12 +56,12 @@ def _static_linear(gamma_readers: int = 1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _run(model: onnx.ModelProto, x: np.ndarray, input_name: str = "x") -> np.ndarray:
     # Accuracy level 1: a fused MatMulNBits computes in float, as the unfused graph does.
     session = ort.InferenceSession(
         model.SerializeToString(), session_options(exact=True), providers=["CPUExecutionProvider"]
     )
-    return session.run(["y"], {"x": x})[0]
+    return session.run(["y"], {input_name: x})[0]
 
 
 def _op_types(model: ir.Model) -> list[str]:
@@ -138,13 +138,6 @@ def _tied_int8_head(codes_offset: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _run_ids(model: onnx.ModelProto) -> np.ndarray:
-    session = ort.InferenceSession(
-        model.SerializeToString(), session_options(exact=True), providers=["CPUExecutionProvider"]
-    )
-    return session.run(["y"], {"ids": np.array([[0, 5, 23]])})[0]
-
-
 def test_int8_codes_of_a_float_table_are_computed_from_it_at_load(tmp_path):
     proto = _tied_int8_head()
     model = ir.from_proto(proto)
@@ -157,7 +150,8 @@ def test_int8_codes_of_a_float_table_are_computed_from_it_at_load(tmp_path):
     onnx.save(rewritten, tmp_path / "rewritten.onnx")
     optimized = optimized_by_ort(tmp_path / "rewritten.onnx", tmp_path)
     assert op_counts(optimized) == {"Gather": 1, "MatMulNBits": 1}
-    np.testing.assert_allclose(_run_ids(rewritten), _run_ids(proto), rtol=1e-6, atol=1e-6)
+    ids = np.array([[0, 5, 23]])
+    np.testing.assert_allclose(_run(rewritten, ids, "ids"), _run(proto, ids, "ids"), rtol=1e-6, atol=1e-6)
     assert int8_weights_from_float_tables(model) == 0  # nothing left to rewrite
 
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+import torch
 
+from fptq_compile import primitives
 from fptq_compile.errors import ExportError
 
 
@@ -518,11 +520,13 @@ def _table_quantizing_to(tables: list[ir.Value], codes: np.ndarray, scales: np.n
         tensor = table.const_value
         if tensor is None or _dims(tensor) != codes.shape[::-1]:
             continue
-        if np.array_equal(_quantize_int8(tensor.numpy().T, scales), codes):
+        # The project's quantizer, whose rounding and range are ONNX QuantizeLinear's.
+        quantized = primitives.quantize_symmetric(
+            torch.from_numpy(tensor.numpy().T.copy()),  # a copy: the table's data may be read-only
+            torch.from_numpy(scales),
+            primitives.INT8_MIN,
+            primitives.INT8_MAX,
+        )
+        if np.array_equal(quantized.numpy(), codes):
             return table
     return None
-
-
-def _quantize_int8(array: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """ONNX ``QuantizeLinear`` to int8 with zero point 0: round half to even, saturate."""
-    return np.clip(np.rint(array / scale), -128, 127).astype(np.int8)
