@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -111,10 +111,10 @@ def _gguf_parsed_once() -> Iterator[None]:
     import gguf
 
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], Any] = {}
+    readers: dict[str, Any] = {}
 
-    def read(path: str | os.PathLike[str], mode: str = "r") -> Any:
-        key = (os.path.realpath(path), mode)
+    def read(path: str | os.PathLike[str], mode: Literal["r"] = "r") -> Any:
+        key = os.path.realpath(path)
         if key not in readers:
             readers[key] = reader_class(path, mode)
         return readers[key]
