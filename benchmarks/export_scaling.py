@@ -14,8 +14,9 @@ the export is timed alone, ``--repeats`` times, median kept.
   vocabulary of 4096): the node count is fixed, the bytes grow, so this row shows the
   cost per byte.
 
-Prints each model's layers, parameters, ONNX bytes, export seconds and seconds per layer
-(depth) or per 100 MB (width); writes JSON (default benchmarks/results/export_scaling.json).
+Prints each model's layers, parameters, ONNX bytes, export seconds, seconds per layer
+(depth) or per 100 MB (width), and whether every timed export fused; writes JSON (default
+benchmarks/results/export_scaling.json).
 
     python benchmarks/export_scaling.py [--repeats 3] [--json PATH]
 """
@@ -63,14 +64,15 @@ def export_seconds(hidden: int, layers: int, vocabulary: int, repeats: int) -> d
     config = fptq.CompileConfig(weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST))
     calibration = torch.randint(0, vocabulary, (1, 64), generator=torch.Generator().manual_seed(0))
     compiled = fptq.compile(model, calibration, config, progress=False)
-    seconds, onnx_bytes = [], 0
+    seconds, onnx_bytes, fused = [], 0, True
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             result = export_onnx(compiled, Path(folder) / "model.onnx")
             seconds.append(time.perf_counter() - start)
             onnx_bytes = result.file_bytes
-            fused = result.fusions is not None and not result.fusions.unfused_reason
+            # An unfused fallback is another export: every timed run must have fused.
+            fused = fused and result.fusions is not None and not result.fusions.unfused_reason
     median = statistics.median(seconds)
     return {
         "hidden": hidden,
@@ -97,7 +99,7 @@ def main() -> None:
         print(
             f"depth: {layers:3d} layers, {row['parameters'] / 1e6:7.1f} M parameters, "
             f"{row['onnx_bytes'] / 1e6:7.1f} MB: export {row['export_seconds']:6.2f} s "
-            f"({row['seconds_per_layer']:.3f} s per layer; runs {row['export_seconds_runs']})",
+            f"({row['seconds_per_layer']:.3f} s per layer; runs {row['export_seconds_runs']}; fused {row['fused']})",
             flush=True,
         )
     for hidden in WIDTHS:
@@ -107,7 +109,7 @@ def main() -> None:
         print(
             f"width: hidden {hidden:5d}, {row['parameters'] / 1e6:7.1f} M parameters, "
             f"{row['onnx_bytes'] / 1e6:7.1f} MB: export {row['export_seconds']:6.2f} s "
-            f"({row['seconds_per_100_mb']:.3f} s per 100 MB; runs {row['export_seconds_runs']})",
+            f"({row['seconds_per_100_mb']:.3f} s per 100 MB; runs {row['export_seconds_runs']}; fused {row['fused']})",
             flush=True,
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
