@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from fptq_compile.capture import LinearSite, find_linear_sites
 from fptq_compile.errors import UnsupportedGraphError
 from fptq_compile.graph_utils import fetch_tensor, replace_tensor
+from fptq_compile.passes.remove_identity_ops import remove_identity_ops
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 """The positional and keyword inputs of one call of a block."""
@@ -192,6 +193,7 @@ def capture_block(blocks: DecoderBlocks, call: BlockCall, block: nn.Module | Non
             f"({type(blocks.layers[0]).__name__}): {type(error).__name__}: {error}"
         ) from error
     graph_module = exported.module()
+    remove_identity_ops(graph_module)  # as capture() does for the whole graph, whose names it maps to
     # The graph is a template that bind() gives each block's tensors: it keeps none of block
     # 0's (a big model's block is hundreds of MB), only their shapes and dtypes.
     for node in graph_module.graph.nodes:

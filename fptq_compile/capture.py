@@ -283,7 +283,10 @@ def _captured(
 ) -> CapturedModel:
     # Imported here: the passes package imports this module.
     from fptq_compile.passes.canonicalize_linears import canonicalize_linears, unsupported_matmuls
+    from fptq_compile.passes.remove_identity_ops import remove_identity_ops
 
+    # Every later trace of the graph (saving, ONNX) walks its nodes: the identities go first.
+    remove_identity_ops(graph_module)
     # GPT-2's Conv1D and other x @ W matmuls become aten.linear, the form every pass reads.
     canonicalize_linears(graph_module)
     unsupported = tuple(
