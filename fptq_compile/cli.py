@@ -16,8 +16,9 @@ import io
 import json
 import logging
 import sys
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,20 +254,33 @@ def _calibration_source(source: str) -> Any:
     return text_file
 
 
-def _load_and_run(args: argparse.Namespace, job: Any, step: Callable[..., Any]) -> tuple[Any, Any]:
-    """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on them."""
+def _load_and_run(
+    args: argparse.Namespace, job: Any, step: Callable[..., Any], seconds: dict[str, float] | None = None
+) -> tuple[Any, Any]:
+    """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on
+    them; the wall time of each (``load``, ``compile``) goes into ``seconds`` if given."""
 
     calibration = _calibration_source(job.calibration.source)
-    loaded = _load_model(args, job.model, job.offload)
-    result = step(
-        loaded,
-        calibration,
-        job.compile,
-        num_samples=job.calibration.samples,
-        seq_len=job.calibration.seq_len,
-        progress=not args.quiet,
-    )
+    with _timed(seconds, "load"):
+        loaded = _load_model(args, job.model, job.offload)
+    with _timed(seconds, "compile"):
+        result = step(
+            loaded,
+            calibration,
+            job.compile,
+            num_samples=job.calibration.samples,
+            seq_len=job.calibration.seq_len,
+            progress=not args.quiet,
+        )
     return loaded, result
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float] | None, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    if seconds is not None:
+        seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def _load_model(args: argparse.Namespace, source: str | None, offload: bool = False) -> Any:
@@ -297,24 +311,28 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
             "--ppl runs the compiled torch model, which --offload keeps on disk: measure the folder's ONNX model "
             "with `fptq eval DIR --ppl TEXTFILE` instead"
         )
-    loaded, compiled = _load_and_run(args, job, fptq.compile)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded, compiled = _load_and_run(args, job, fptq.compile, seconds)
     counts = compiled.plan.activation_class_counts()
     _status(args, f"compiled {loaded.source}: linears per activation class {json.dumps(counts)}")
     perplexity = None
     if args.ppl is not None:
         perplexity = _perplexity(compiled, loaded.tokenizer, args.ppl, args.windows, not args.quiet)["perplexity"]
         _status(args, f"perplexity (compiled torch model): {perplexity:.3f}")
-    exported = export_folder(
-        compiled,
-        loaded.tokenizer,
-        args.out,
-        job.export.layout,
-        overwrite=args.overwrite,
-        model_config=getattr(loaded.model, "config", None),
-        report_fields={"model": loaded.source, "perplexity": perplexity},
-        extra_files={RESOLVED_CONFIG_FILE: json.dumps(job_to_dict(job), indent=1)},
-        progress=not args.quiet,
-    )
+    with _timed(seconds, "export"):
+        exported = export_folder(
+            compiled,
+            loaded.tokenizer,
+            args.out,
+            job.export.layout,
+            overwrite=args.overwrite,
+            model_config=getattr(loaded.model, "config", None),
+            report_fields={"model": loaded.source, "perplexity": perplexity},
+            extra_files={RESOLVED_CONFIG_FILE: json.dumps(job_to_dict(job), indent=1)},
+            progress=not args.quiet,
+        )
+    seconds["total"] = round(time.perf_counter() - start, 3)
     _status(args, f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {job.export.layout.value})")
     result = {
         "out": str(args.out),
@@ -323,6 +341,8 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
         "layout": job.export.layout.value,
         "linears_per_activation_class": counts,
         "seconds_per_step": compiled.report.seconds_per_step,
+        "export_seconds_per_step": dict(exported.seconds_per_step),
+        "seconds": seconds,
         "perplexity": perplexity,
     }
     if args.prompt:

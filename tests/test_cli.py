@@ -71,6 +71,13 @@ def test_compile_writes_the_whole_folder(compiled_folder):
     for name in ("model.onnx", "report.html", "report.png", "report.json", "fptq_config.json", "plan.json"):
         assert (out / name).is_file(), name
     assert result["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    # Where the time went: the load, each compile step, each export step, and the whole.
+    seconds = result["seconds"]
+    assert set(seconds) == {"load", "compile", "export", "total"}
+    assert set(result["export_seconds_per_step"]) == {"onnx", "tokenizer and configs", "compiled model", "report"}
+    assert sum(result["seconds_per_step"].values()) <= seconds["compile"]
+    assert sum(result["export_seconds_per_step"].values()) <= seconds["export"]
+    assert seconds["load"] + seconds["compile"] + seconds["export"] <= seconds["total"]
     assert result["text"].startswith("the city") and len(result["text"].split()) > 2
     assert result["perplexity"] > 1
     report = json.loads((out / "report.json").read_text())

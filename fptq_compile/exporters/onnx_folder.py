@@ -86,7 +86,7 @@ def export_folder(
             onnx_summary = {"layout": layout.value, "file_bytes": result.file_bytes}
             write_report(build_report(compiled, onnx=onnx_summary, **dict(report_fields or {})), staging)
     steps.close()
-    return dataclasses.replace(result, path=Path(destination) / MODEL_FILE)
+    return dataclasses.replace(result, path=Path(destination) / MODEL_FILE, seconds_per_step=dict(steps.seconds))
 
 
 def genai_config(compiled: CompiledModel, model_config: Any, attention_mask: bool = False) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,9 @@ class OnnxExport:
     file_bytes: int
     merged_matmuls: int = 0
     fusions: OrtFusions | None = None
+    seconds_per_step: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Wall time of each step of :func:`~fptq_compile.exporters.export_folder` (empty from
+    :func:`export_onnx` alone)."""
 
 
 def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
