@@ -186,6 +186,13 @@ def test_capture_with_cache_matches_the_eager_model(llama):
         logits, past = captured.graph_module(sequence[:, :6], captured.kv_layout.empty(2))
         logits, past = captured.graph_module(sequence[:, 6:], past)
     torch.testing.assert_close(logits, reference[:, 6:], rtol=1e-5, atol=1e-5)
+    # Captured without the identities the trace records (remove_identity_ops): the cache's
+    # empty starting tensors and their concatenations, full slices, same-dtype casts.
+    targets = [node.target for node in captured.graph_module.graph.nodes]
+    aten = torch.ops.aten
+    assert aten.lift_fresh_copy.default not in targets and aten.alias.default not in targets
+    # Per layer: keys and values onto the cache, q's and k's rotated halves; once: the rotary angles.
+    assert targets.count(aten.cat.default) == 2 * 4 + 1
 
 
 def test_graph_without_linear_sites():
