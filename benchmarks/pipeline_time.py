@@ -1,0 +1,81 @@
+"""The SmolLM2 pipeline's time (issue 5: load, compile, export ≤ 60 s), and where it goes.
+
+Runs the README's main command without ``--prompt`` (``fptq compile --out DIR --overwrite
+--quiet --json``: load the built-in SmolLM2-135M, compile it on random tokens, export the
+``ort`` folder) ``--repeats`` times, each in a fresh process, and prints the medians of
+its wall time (process start included) and of the parts ``--json`` reports: load,
+compile and export, each compile step, each export step.
+
+``--baseline PATH`` also runs another checkout of fptq_compile (a ``git worktree`` of an
+earlier commit), alternating with this one in the same session, so the two are compared
+on the same (shared, noisy) machine. Parts that the baseline's ``--json`` does not report
+are left out of its row. Writes JSON (default benchmarks/results/pipeline_time.json).
+
+    python benchmarks/pipeline_time.py [--repeats 3] [--baseline PATH] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SOURCE = Path(__file__).resolve().parents[1]
+
+
+def run_once(source: Path, out: Path) -> dict[str, Any]:
+    """One ``fptq compile`` of the default model with the package imported from ``source``."""
+    command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
+    environment = {**os.environ, "PYTHONPATH": str(source)}
+    start = time.perf_counter()
+    finished = subprocess.run([*command, "--json"], env=environment, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if finished.returncode != 0:
+        raise SystemExit(f"fptq compile from {source} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
+    result = json.loads(finished.stdout)
+    parts = {"wall": round(wall, 2), **result.get("seconds", {})}
+    parts.update({f"compile.{step}": value for step, value in result["seconds_per_step"].items()})
+    parts.update({f"export.{step}": value for step, value in result.get("export_seconds_per_step", {}).items()})
+    return parts
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    names = [name for name in runs[0] if all(name in run for run in runs)]
+    return {name: round(statistics.median(run[name] for run in runs), 2) for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another fptq_compile checkout, run alternating with this one")
+    parser.add_argument("--json", type=Path, default=SOURCE / "benchmarks" / "results" / "pipeline_time.json")
+    args = parser.parse_args()
+    sources = {"this": SOURCE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
+    scratch = Path(tempfile.mkdtemp(prefix="pipeline_time."))
+    try:
+        for repeat in range(args.repeats):
+            for name, source in sources.items():
+                runs[name].append(run_once(source, scratch / name))
+                print(f"{name} run {repeat + 1}: {json.dumps(runs[name][-1])}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary = {
+        name: {"source": str(sources[name]), "medians": medians(rows), "runs": rows} for name, rows in runs.items()
+    }
+    for name, row in summary.items():
+        print(f"{name} ({row['source']}), medians of {args.repeats}: {json.dumps(row['medians'])}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
