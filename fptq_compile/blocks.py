@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from fptq_compile.capture import LinearSite, find_linear_sites
 from fptq_compile.errors import UnsupportedGraphError
 from fptq_compile.graph_utils import fetch_tensor, replace_tensor
+from fptq_compile.passes.canonicalize_linears import canonicalize_linears
 from fptq_compile.passes.remove_identity_ops import remove_identity_ops
 
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
@@ -150,8 +151,10 @@ class BlockGraph:
     linears: tuple[LinearSite, ...]
 
     def bind(self, block: nn.Module) -> fx.GraphModule:
-        """A copy of the graph reading ``block``'s parameters and buffers; constants the
-        export created, which no block owns, are shared."""
+        """A copy of the graph reading ``block``'s parameters and buffers, its matmuls
+        rewritten as ``aten.linear`` as ``capture`` rewrites the whole graph's (GPT-2's
+        ``Conv1D``: the transposed weight is ``block``'s own); constants the export
+        created, which no block owns, are shared."""
         owner = _WithConstants(block, {})  # the module tree the graph's attribute names follow
         bound = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
         for node in bound.graph.nodes:
@@ -159,6 +162,7 @@ class BlockGraph:
                 tensor = _own_tensor(owner, str(node.target))
                 if tensor is not None:
                     replace_tensor(bound, str(node.target), tensor)
+        canonicalize_linears(bound)
         return bound
 
     def module_path(self, blocks: DecoderBlocks, index: int, site: LinearSite) -> str:
@@ -200,7 +204,10 @@ def capture_block(blocks: DecoderBlocks, call: BlockCall, block: nn.Module | Non
         if node.op == "get_attr" and _own_tensor(module, str(node.target)) is not None:
             tensor = fetch_tensor(graph_module, str(node.target))
             replace_tensor(graph_module, str(node.target), torch.empty_like(tensor, device="meta"))
-    return BlockGraph(graph_module, find_linear_sites(graph_module))
+    # The linears as bind() will name them: found on a rewritten copy (its tensors are meta).
+    canonical = fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph))
+    canonicalize_linears(canonical)
+    return BlockGraph(graph_module, find_linear_sites(canonical))
 
 
 _POSITIONAL = ("hidden_states", "positional_1", "positional_2", "positional_3")

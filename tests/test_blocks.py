@@ -88,6 +88,24 @@ def test_calibrating_block_by_block_gives_the_whole_model_plan_and_weights(round
     assert torch.allclose(by_block(ids), whole(ids), atol=1e-4)
 
 
+def test_gpt2_conv1d_blocks_compile_block_by_block_as_the_whole_model(token_ids):
+    """GPT-2's Conv1D matmuls become linears in each bound block, as capture() rewrites the
+    whole graph's, each reading its own block's transposed weight."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, eos_token_id=0, bos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    compile_config = fptq.CompileConfig(weights=fptq.WeightConfig(group_size=32))
+    whole = fptq.compile(model, token_ids, compile_config, progress=False)
+    by_block = fptq.compile(
+        model, token_ids, dataclasses.replace(compile_config, calibrate_by_block=True), progress=False
+    )
+    assert len(whole.plan.layers) == 8 and _decisions(by_block.plan) == _decisions(whole.plan)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(by_block(ids), whole(ids), atol=1e-4)
+
+
 def test_block_by_block_calibration_needs_a_causal_lm():
     net = torch.nn.Sequential(torch.nn.Linear(8, 8))
     config = fptq.CompileConfig(include=("*",), calibrate_by_block=True)
