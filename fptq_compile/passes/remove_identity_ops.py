@@ -1,7 +1,8 @@
 """Remove the ops of a captured graph that return their input unchanged.
 
-``torch.export`` records what the model's Python code does, identities included. A Hugging
-Face Llama captured with a cache holds ~550 of them in SmolLM2's 3600 nodes:
+``torch.export`` records what the model's Python code does, identities included. SmolLM2
+captured with a cache holds 435 of them, and 180 nodes of constants feeding them, in its
+3592 nodes:
 
 - full-range slices: ``slice(x, dim, 0, 2**63 - 1)`` (``x[:, :]`` on a dynamic dimension),
   and ``alias(x)`` (the same on a static one);
