@@ -27,6 +27,7 @@ the same outputs bit for bit; running the pass again changes nothing.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -45,18 +46,21 @@ elimination keeps it even when nothing reads it."""
 def remove_identity_ops(graph_module: fx.GraphModule) -> PassResult:
     """Replace every identity op by its input and drop the checks and constants left unused."""
     graph = graph_module.graph
-    counts = {"slice": 0, "alias": 0, "to": 0, "cat": 0, "assert": 0}
+    counts = dict.fromkeys([*(kind for kind, _ in _IDENTITIES.values()), "assert"], 0)
     # The checks first: removing an identity may hand an input to the check that read it.
     for node in [node for node in graph.nodes if _checks_an_intermediate(node)]:
         graph.erase_node(node)
         counts["assert"] += 1
     for node in list(graph.nodes):
-        source = _identity_source(node) if node.op == "call_function" else None
+        if node.op != "call_function" or node.target not in _IDENTITIES:
+            continue
+        kind, find_source = _IDENTITIES[node.target]
+        source = find_source(node)
         # A graph output stays the node it is: an output that is an input would alias it.
         if source is not None and not any(user.op == "output" for user in node.users):
             node.replace_all_uses_with(source)
             graph.erase_node(node)
-            counts[_KIND[node.target]] += 1
+            counts[kind] += 1
     removed = sum(counts.values())
     if removed:
         _erase_unused_constants(graph_module)
@@ -72,22 +76,6 @@ def _checks_an_intermediate(node: fx.Node) -> bool:
     return is_check and isinstance(checked, fx.Node) and checked.op != "placeholder"
 
 
-def _identity_source(node: fx.Node) -> fx.Node | None:
-    """The input ``node`` returns unchanged, or None if it is not an identity."""
-    if node.target == _ATEN.slice.Tensor:
-        return _full_slice_source(node)
-    if node.target == _ATEN.alias.default:
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
-    if node.target == _ATEN.to.dtype:
-        return _same_dtype_cast_source(node)
-    if node.target == _ATEN.cat.default:
-        return _cat_with_empty_source(node)
-    return None
-
-
-_KIND = {_ATEN.slice.Tensor: "slice", _ATEN.alias.default: "alias", _ATEN.to.dtype: "to", _ATEN.cat.default: "cat"}
-
-
 _SLICE_DEFAULTS = (None, 0, None, None, 1)
 
 
@@ -98,6 +86,10 @@ def _full_slice_source(node: fx.Node) -> fx.Node | None:
     if start in (None, 0) and is_open_end and step == 1 and not node.kwargs and isinstance(source, fx.Node):
         return source
     return None
+
+
+def _alias_source(node: fx.Node) -> fx.Node | None:
+    return node.args[0] if isinstance(node.args[0], fx.Node) else None
 
 
 def _same_dtype_cast_source(node: fx.Node) -> fx.Node | None:
@@ -131,6 +123,16 @@ def _is_empty_vector(node: fx.Node) -> bool:
 def _dtype(node: fx.Node) -> torch.dtype | None:
     value = node.meta.get("val")
     return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+_IDENTITIES: dict[object, tuple[str, Callable[[fx.Node], fx.Node | None]]] = {
+    _ATEN.slice.Tensor: ("slice", _full_slice_source),
+    _ATEN.alias.default: ("alias", _alias_source),
+    _ATEN.to.dtype: ("to", _same_dtype_cast_source),
+    _ATEN.cat.default: ("cat", _cat_with_empty_source),
+}
+"""Per op that may be an identity: its name in the report, and the input it returns
+unchanged (None where this call is not an identity)."""
 
 
 def _erase_unused_constants(graph_module: fx.GraphModule) -> None:
