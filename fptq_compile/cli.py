@@ -18,13 +18,14 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fptq_compile.config import ActivationPolicy, WeightRounding
 from fptq_compile.errors import ConfigError, FptqError
 from fptq_compile.exporters.onnx_qdq import OnnxLayout
+from fptq_compile.progress import StepProgress
 
 EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -255,15 +256,15 @@ def _calibration_source(source: str) -> Any:
 
 
 def _load_and_run(
-    args: argparse.Namespace, job: Any, step: Callable[..., Any], seconds: dict[str, float] | None = None
+    args: argparse.Namespace, job: Any, step: Callable[..., Any], timer: StepProgress | None = None
 ) -> tuple[Any, Any]:
     """Check the calibration source, load the model, then run ``compile`` or ``analyze`` on
-    them; the wall time of each (``load``, ``compile``) goes into ``seconds`` if given."""
-
+    them; ``timer`` (shown or not) records the wall time of each, as ``load`` and ``compile``."""
+    timer = timer or StepProgress("", ("load", "compile"), enabled=False)
     calibration = _calibration_source(job.calibration.source)
-    with _timed(seconds, "load"):
+    with timer.step("load"):
         loaded = _load_model(args, job.model, job.offload)
-    with _timed(seconds, "compile"):
+    with timer.step("compile"):
         result = step(
             loaded,
             calibration,
@@ -273,14 +274,6 @@ def _load_and_run(
             progress=not args.quiet,
         )
     return loaded, result
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float] | None, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    if seconds is not None:
-        seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def _load_model(args: argparse.Namespace, source: str | None, offload: bool = False) -> Any:
@@ -311,16 +304,17 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
             "--ppl runs the compiled torch model, which --offload keeps on disk: measure the folder's ONNX model "
             "with `fptq eval DIR --ppl TEXTFILE` instead"
         )
-    seconds: dict[str, float] = {}
+    # Where the time goes, without a bar of its own (each part shows its own progress).
+    timer = StepProgress("", ("load", "compile", "export"), enabled=False)
     start = time.perf_counter()
-    loaded, compiled = _load_and_run(args, job, fptq.compile, seconds)
+    loaded, compiled = _load_and_run(args, job, fptq.compile, timer)
     counts = compiled.plan.activation_class_counts()
     _status(args, f"compiled {loaded.source}: linears per activation class {json.dumps(counts)}")
     perplexity = None
     if args.ppl is not None:
         perplexity = _perplexity(compiled, loaded.tokenizer, args.ppl, args.windows, not args.quiet)["perplexity"]
         _status(args, f"perplexity (compiled torch model): {perplexity:.3f}")
-    with _timed(seconds, "export"):
+    with timer.step("export"):
         exported = export_folder(
             compiled,
             loaded.tokenizer,
@@ -332,7 +326,8 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
             extra_files={RESOLVED_CONFIG_FILE: json.dumps(job_to_dict(job), indent=1)},
             progress=not args.quiet,
         )
-    seconds["total"] = round(time.perf_counter() - start, 3)
+    timer.close()
+    seconds = {**timer.seconds, "total": round(time.perf_counter() - start, 3)}
     _status(args, f"wrote {args.out} ({exported.file_bytes / 1e6:.1f} MB ONNX, layout {job.export.layout.value})")
     result = {
         "out": str(args.out),
