@@ -1,7 +1,8 @@
 """Lower a compiled W4A8 graph to ONNX QDQ (opset 21) with a key/value cache.
 
-The graph is exported with ``torch.onnx.export(dynamo=True)``, the ``torch.ops.fptq``
-ops mapped 1:1 by :mod:`fptq_compile.exporters.onnx_translations`, then rewritten with
+The graph is lowered with torch.onnx's translator (:mod:`~fptq_compile.exporters.onnx_lowering`:
+directly, or through ``torch.onnx.export``'s decomposition when an op needs it), the
+``torch.ops.fptq`` ops mapped 1:1 by :mod:`fptq_compile.exporters.onnx_translations`, then rewritten with
 ``onnx_ir`` (:mod:`fptq_compile.exporters.onnx_rewrites`):
 
 - weights: INT4 initializers with per-group scales, ``DequantizeLinear(block_size=g)``;
@@ -41,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from fptq_compile.capture import GraphSignature, KVCacheLayout
 from fptq_compile.errors import ExportError
+from fptq_compile.exporters.onnx_lowering import Lowered, Route, lower
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
 from fptq_compile.exporters.onnx_rewrites import (
     int4_weights_k_major,
@@ -48,7 +50,6 @@ from fptq_compile.exporters.onnx_rewrites import (
     pack_int4_weights,
     static_qdq_as_unit_scale,
 )
-from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
 from fptq_compile.graph_utils import attribute_targets, fetch_tensor, replace_tensor, retarget_devices
 from fptq_compile.offload import TensorStore
 from fptq_compile.pipeline import CompiledModel
@@ -77,6 +78,10 @@ class OnnxExport:
     file_bytes: int
     merged_matmuls: int = 0
     fusions: OrtFusions | None = None
+    lowering: str = Route.DIRECT.value
+    """How torch.onnx lowered the graph (:class:`~fptq_compile.exporters.onnx_lowering.Route`)."""
+    decomposed_because: str = ""
+    """Why the graph was decomposed before its translation ("" when it was not)."""
     seconds_per_step: Mapping[str, float] = dataclasses.field(default_factory=dict)
     """Wall time of each step of :func:`~fptq_compile.exporters.export_folder` (empty from
     :func:`export_onnx` alone)."""
@@ -171,10 +176,11 @@ def _lower(
     and size filled in once saved)."""
     signature = compiled.example_signature()
     if compiled.on_disk:
-        model = _export_offloaded(compiled, signature)
+        lowered = _export_offloaded(compiled, signature)
     else:
         graph = compiled.graph_module if program is None else program
-        model = _export(graph, signature, compiled.kv_layout, optimize=optimize)
+        lowered = _export(graph, signature, compiled.kv_layout, optimize=optimize)
+    model = lowered.model
     if compiled.on_disk or not optimize:
         # Without the optimizer the quantization scales stay Constant nodes; as initializers
         # the rewrites see them (static_qdq_as_unit_scale, without which ONNX Runtime does
@@ -187,7 +193,8 @@ def _lower(
     packed = pack_int4_weights(model)  # by tensor name, so before merging renames them
     if layout is OnnxLayout.ORT:
         merged = merge_parallel_matmuls(model)
-    return model, OnnxExport(Path(), layout, packed, k_major, 0, merged)
+    export = OnnxExport(Path(), layout, packed, k_major, 0, merged)
+    return model, dataclasses.replace(export, lowering=lowered.route.value, decomposed_because=lowered.reason)
 
 
 def _export(
@@ -195,37 +202,33 @@ def _export(
     signature: GraphSignature,
     kv_layout: KVCacheLayout | None,
     optimize: bool,
-) -> ir.Model:
-    """``torch.onnx.export`` of the graph (captured with ``signature``, unless it is a program
-    already), a causal LM's inputs and outputs named as runtimes expect (any other graph
-    keeps its own)."""
+) -> Lowered:
+    """The graph (captured with ``signature``, unless it is a program already) lowered to ONNX
+    (:func:`~fptq_compile.exporters.onnx_lowering.lower`), a causal LM's inputs and outputs
+    named as runtimes expect (any other graph keeps its own)."""
     input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
-    try:
-        with warnings.catch_warnings():
-            # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            onnx_program = torch.onnx.export(
-                graph,
-                signature.args,
-                kwargs=signature.kwargs or None,
-                dynamo=True,
-                opset_version=OPSET,
-                custom_translation_table=TRANSLATION_TABLE,
-                dynamic_shapes=signature.dynamic_shapes,
-                input_names=input_names,
-                output_names=output_names,
-                optimize=optimize,
-                verbose=False,
-            )
-    except Exception as error:  # the exporter raises many types; keep the cause
-        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
-    if onnx_program is None:
-        raise ExportError("torch.onnx.export returned no program")
-    model: ir.Model = onnx_program.model
-    return model
+    if isinstance(graph, torch.export.ExportedProgram):
+        program = graph
+    else:
+        try:
+            with torch.no_grad():
+                program = torch.export.export(
+                    graph, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
+                )
+        except Exception as error:  # torch.export raises many unrelated types; keep the cause
+            cause = f"{type(error).__name__}: {error}"
+            raise ExportError(f"torch.export could not capture the compiled graph: {cause}") from error
+    return lower(
+        program,
+        opset=OPSET,
+        dynamic_shapes=signature.dynamic_shapes,
+        input_names=input_names,
+        output_names=output_names,
+        optimize=optimize,
+    )
 
 
-def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.Model:
+def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> Lowered:
     """Export a graph whose blocks' tensors are on disk without reading them: the graph is
     traced on meta tensors, then each initializer reads its data (from the store, or the
     tensor in memory) only when the model is saved, one tensor at a time."""
@@ -243,12 +246,12 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.
             signature, args=pytree.tree_map(lambda value: _on_meta(value), signature.args)
         )
         # The optimizer folds constants: it would read every weight. ONNX Runtime folds them when loading.
-        model = _export(graph_module, meta_signature, compiled.kv_layout, optimize=False)
+        lowered = _export(graph_module, meta_signature, compiled.kv_layout, optimize=False)
     finally:
         retarget_devices(graph_module, "meta", "cpu")
         for target, tensor in in_memory.items():
             replace_tensor(graph_module, target, tensor)
-    for name, value in model.graph.initializers.items():
+    for name, value in lowered.model.graph.initializers.items():
         placeholder = value.const_value
         assert placeholder is not None  # an initializer holds a tensor
         if name in in_memory:
@@ -259,7 +262,7 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> ir.
             value.const_value = ir.LazyTensor(read, dtype=placeholder.dtype, shape=shape, name=name)
         else:
             raise ExportError(f"initializer {name} is neither in memory nor in the offload folder {store.folder}")
-    return model
+    return lowered
 
 
 def _on_meta(value: object) -> object:

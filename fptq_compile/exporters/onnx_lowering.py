@@ -1,0 +1,225 @@
+"""Lower a ``torch.export`` program to ONNX with torch.onnx's translator, without its re-trace.
+
+``torch.onnx.export(program)`` starts with ``program.run_decompositions``, which traces the
+whole graph again under symbolic shapes, even when every op of it already has an ONNX
+translation. For SmolLM2 that re-trace is ~21 s of a ~26 s ``torch.onnx.export`` on a
+2-core Zen 4 (:mod:`benchmarks.onnx_lowering`). A compiled graph holds few kinds of ops
+(SmolLM2: 33), all of which torchlib or :mod:`~fptq_compile.exporters.onnx_translations`
+translate as they are, except ``aten.to``, which the decomposition turns into
+``aten._to_copy``.
+
+:func:`lower` therefore translates the program directly (``DIRECT``) when that holds: it
+rewrites ``aten.to`` as the decomposition would, runs the two graph passes torch.onnx runs
+after decomposing (explicit type promotion, assertions removed) on a copy of the graph,
+and hands it to torch.onnx's translator; then it converts the opset, names the inputs,
+outputs and dynamic axes, and optimizes, as ``torch.onnx.export`` does. A program with any
+other op outside the translation tables, or with an op that mutates its input (which only
+the decomposition makes functional), goes through ``torch.onnx.export`` (``DECOMPOSED``),
+and :class:`Lowered` says why.
+
+The translator is torch.onnx's internal API (``torch.onnx._internal.exporter``), stable
+across the torch versions ``pyproject.toml`` allows; should it move, every program takes
+the ``DECOMPOSED`` route, with that reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from onnxscript import version_converter
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from fptq_compile.errors import ExportError
+from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
+
+_ATEN = torch.ops.aten
+# What torch.onnx's decomposition makes of these (the device is not ONNX's concern).
+_TO_COPY = {_ATEN.to.dtype: 1, _ATEN.to.device: 2}
+"""``aten.to`` overload -> position of its dtype argument."""
+
+
+class Route(enum.Enum):
+    DIRECT = "direct"
+    """Translated as captured: no re-trace."""
+    DECOMPOSED = "decomposed"
+    """Through ``torch.onnx.export``, which decomposes (re-traces) the program first."""
+
+
+@dataclass(frozen=True)
+class Lowered:
+    model: ir.Model
+    route: Route
+    reason: str = ""
+    """Why the program was decomposed ("" when translated directly)."""
+
+
+def lower(
+    program: torch.export.ExportedProgram,
+    *,
+    opset: int,
+    dynamic_shapes: Any,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    optimize: bool,
+) -> Lowered:
+    """``program`` as an ONNX model in ``opset``, directly translated when every op allows it
+    (see the module docstring), else through ``torch.onnx.export``. The program is not changed."""
+    reason, registry = _direct_translation(program, opset)
+    if reason:
+        model = _decomposed(program, opset, dynamic_shapes, input_names, output_names, optimize)
+        return Lowered(model, Route.DECOMPOSED, reason)
+    from torch.onnx._internal.exporter import _core, _fx_passes  # _direct_translation found them
+
+    copied = _with_to_copy(program)
+    # As torch.onnx.export runs them (its config module installs ``patch`` at import).
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        _fx_passes.insert_type_promotion_nodes(copied.graph_module)
+        _fx_passes.remove_assertion_nodes(copied.graph_module)
+    try:
+        onnx_program = _core._exported_program_to_onnx_program(copied, registry=registry)
+    except Exception as error:  # the translator raises many types; keep the cause
+        raise ExportError(f"torch.onnx could not translate the graph: {type(error).__name__}: {error}") from error
+    version_converter.convert_version(onnx_program.model, opset, fallback=True)
+    if optimize:
+        onnx_program.optimize()
+    _name(onnx_program.model.graph.inputs, input_names)
+    _name(onnx_program.model.graph.outputs, output_names)
+    onnx_program.rename_axes(_axis_names(onnx_program.model.graph.inputs, dynamic_shapes))
+    return Lowered(onnx_program.model, Route.DIRECT)
+
+
+def _direct_translation(program: torch.export.ExportedProgram, opset: int) -> tuple[str, Any]:
+    """Why ``program`` cannot be translated directly ("" if it can), and torch.onnx's
+    registry of translations (torchlib's and fptq's) to translate it with."""
+    try:
+        from torch.onnx._internal.exporter import _core, _fx_passes, _registration  # noqa: F401
+    except ImportError as error:  # torch.onnx's internals moved: the public route still works
+        return f"torch.onnx's translator is not where this version of fptq looks for it ({error})", None
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    for torch_op, onnx_function in TRANSLATION_TABLE.items():
+        registry.register_op(torch_op, onnx_function, is_complex=False)
+    return untranslatable_op(program.graph, registry), registry
+
+
+def untranslatable_op(graph: fx.Graph, registry: Any) -> str:
+    """Why ``graph`` cannot be translated without decomposing it ("" if it can): the first op
+    that mutates an input or has no ONNX translation in ``registry``."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue  # placeholders, outputs, getitem and SymInt arithmetic translate as they are
+        if target._schema.is_mutable:
+            return f"{target} (node {node.name}) mutates its input: only the decomposition makes it functional"
+        if target in _TO_COPY or target in _ASSERTIONS or registry.get_decomps(target):
+            continue
+        return f"{target} (node {node.name}) has no ONNX translation of its own: it must be decomposed"
+    return ""
+
+
+_ASSERTIONS = {
+    _ATEN._assert_tensor_metadata.default,
+    _ATEN._assert_scalar.default,
+    _ATEN._assert_async.default,
+    _ATEN._assert_async.msg,
+    _ATEN.sym_constrain_range_for_size.default,
+}
+"""Checks torch.onnx removes before translating (``remove_assertion_nodes``)."""
+
+
+def _with_to_copy(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program on a copy of its graph (tensors shared) in which ``aten.to`` is
+    ``aten._to_copy``, as the decomposition writes it."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(program.graph, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _TO_COPY:
+            position = _TO_COPY[node.target]
+            dtype = node.args[position] if len(node.args) > position else node.kwargs.get("dtype")
+            with graph.inserting_before(node):
+                cast = graph.call_function(_ATEN._to_copy.default, (node.args[0],), {"dtype": dtype})
+            cast.meta = dict(node.meta)
+            node.replace_all_uses_with(cast)
+            graph.erase_node(node)
+    return torch.export.ExportedProgram(
+        root=program.graph_module,
+        graph=graph,
+        graph_signature=copy.deepcopy(program.graph_signature),
+        state_dict=program.state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs,
+        constants=program.constants,
+        verifiers=program.verifiers,
+    )
+
+
+def _name(values: Sequence[ir.Value], names: Sequence[str] | None) -> None:
+    if names is None:
+        return
+    if len(names) != len(values):
+        raise ExportError(f"{len(names)} names for {len(values)} graph inputs or outputs")
+    for value, name in zip(values, names, strict=True):
+        value.name = name
+
+
+def _axis_names(inputs: Sequence[ir.Value], dynamic_shapes: Any) -> dict[str | ir.SymbolicDim, str]:
+    """Each symbolic input dimension -> the name of the ``Dim`` it was exported with. Dims
+    that share a ``Dim`` get its one name, whatever symbol each input carries."""
+    specs = pytree.tree_leaves(dynamic_shapes, is_leaf=_axes_of_one_input)
+    names: dict[str | ir.SymbolicDim, str] = {}
+    if len(specs) != len(inputs):
+        return names  # inputs torch.onnx dropped (None) or added: keep its names
+    for value, spec in zip(inputs, specs, strict=True):
+        if not isinstance(spec, dict) or value.shape is None:
+            continue
+        for axis, dim in spec.items():
+            symbol = value.shape[axis]
+            name = getattr(dim, "__name__", None)
+            if isinstance(symbol, ir.SymbolicDim) and isinstance(symbol.value, str) and isinstance(name, str):
+                names[symbol.value] = name
+    return names
+
+
+def _axes_of_one_input(spec: Any) -> bool:
+    """An input's ``{axis: Dim}`` (int keys) or None, as against a dict of inputs by name."""
+    return spec is None or (isinstance(spec, dict) and all(isinstance(axis, int) for axis in spec))
+
+
+def _decomposed(
+    program: torch.export.ExportedProgram,
+    opset: int,
+    dynamic_shapes: Any,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    optimize: bool,
+) -> ir.Model:
+    """``torch.onnx.export`` of the program (it decomposes, then translates)."""
+    try:
+        with warnings.catch_warnings():
+            # An exported GraphModule refuses .eval(); its aten graph has no train/eval switch.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=TRANSLATION_TABLE,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
+                output_names=output_names,
+                optimize=optimize,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; keep the cause
+        raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    if onnx_program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    model: ir.Model = onnx_program.model
+    return model

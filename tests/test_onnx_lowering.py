@@ -1,0 +1,134 @@
+"""Lowering a program to ONNX directly (no re-trace) or through torch.onnx's decomposition."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+import fptq_compile as fptq
+from fptq_compile.capture import KVCacheLayout
+from fptq_compile.exporters import onnx_lowering
+from fptq_compile.exporters.onnx_lowering import Route, lower
+from fptq_compile.exporters.onnx_qdq import OPSET, io_names
+
+
+def _session(model: ir.Model, tmp_path, name: str) -> ort.InferenceSession:
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _shapes(values) -> list[tuple[str | None, list[object]]]:
+    return [(value.name, [getattr(dim, "value", dim) for dim in value.shape]) for value in values]
+
+
+@pytest.fixture(scope="module")
+def compiled_llama() -> fptq.CompiledModel:
+    config = fptq.CompileConfig(
+        weights=fptq.WeightConfig(group_size=32),
+        activations=fptq.ActivationConfig(
+            policy=fptq.ActivationPolicy.FPTQ, static_threshold=1.0, dynamic_threshold=10.0
+        ),  # static, LAE and dynamic groups
+    )
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    return fptq.compile(tiny_llama(), ids, config, progress=False)
+
+
+def test_a_compiled_llama_is_translated_directly_into_what_the_decomposition_gives(
+    compiled_llama, tmp_path, monkeypatch
+):
+    program = compiled_llama.exported_program()
+    assert compiled_llama.kv_layout is not None
+    names = io_names(compiled_llama.kv_layout)
+    signature = compiled_llama.example_signature()
+    options = dict(opset=OPSET, dynamic_shapes=signature.dynamic_shapes, input_names=names[0], output_names=names[1])
+    direct = lower(program, **options, optimize=True)
+    monkeypatch.setattr(onnx_lowering, "untranslatable_op", lambda graph, registry: "forced for the test")
+    decomposed = lower(program, **options, optimize=True)
+    assert (direct.route, direct.reason) == (Route.DIRECT, "")
+    assert (decomposed.route, decomposed.reason) == (Route.DECOMPOSED, "forced for the test")
+    # The same ops, inputs, outputs and named dynamic axes ...
+    ops = [collections.Counter(node.op_type for node in lowered.model.graph) for lowered in (direct, decomposed)]
+    assert ops[0] == ops[1]
+    assert ops[0]["QuantizeLinear"] > 0 and ops[0]["DequantizeLinear"] > 0
+    for values in ("inputs", "outputs"):
+        shapes = [_shapes(getattr(lowered.model.graph, values)) for lowered in (direct, decomposed)]
+        assert shapes[0] == shapes[1]
+    assert _shapes(direct.model.graph.inputs)[1] == ("past_key_values.0.key", ["batch", 2, "past_sequence", 16])
+    assert direct.model.opset_imports[""] == OPSET
+    # ... and the same numbers, the compiled graph's.
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    layout: KVCacheLayout = compiled_llama.kv_layout
+    feeds = {"input_ids": ids.numpy()}
+    for name in names[0][1:]:
+        feeds[name] = np.zeros((2, layout.num_kv_heads, 0, layout.head_dim), np.float32)
+    logits = [
+        _session(lowered.model, tmp_path, lowered.route.value).run(["logits"], feeds)[0]
+        for lowered in (direct, decomposed)
+    ]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_allclose(logits[0], compiled_llama(ids).numpy(), rtol=0, atol=1e-4)
+
+
+def test_lowering_leaves_the_program_unchanged(compiled_llama):
+    program = compiled_llama.exported_program()
+    before = program.graph_module.code
+    signature = compiled_llama.example_signature()
+    lowered = lower(
+        program,
+        opset=OPSET,
+        dynamic_shapes=signature.dynamic_shapes,
+        input_names=None,
+        output_names=None,
+        optimize=False,
+    )
+    assert lowered.route is Route.DIRECT
+    assert program.graph_module.code == before  # assertions, aten.to and the dtypes as captured
+
+
+class _Casts(nn.Module):
+    """``aten.to`` in both overloads, which only the decomposition would rewrite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.to(torch.float16)
+        return (half * 3).to(x) + x.type_as(half).float()
+
+
+class _Mutates(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y.add_(1.0)
+        return y * 2
+
+
+class _Std(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.std(-1, keepdim=True) + x  # aten.std.dim: torchlib translates only its decomposition
+
+
+@pytest.mark.parametrize(
+    ("module", "route", "reason"),
+    [
+        (_Casts(), Route.DIRECT, ""),
+        (_Mutates(), Route.DECOMPOSED, "aten.add_.Tensor (node add_) mutates its input"),
+        (_Std(), Route.DECOMPOSED, "aten.std.dim (node std) has no ONNX translation of its own"),
+    ],
+)
+def test_each_program_takes_the_route_its_ops_allow_and_computes_what_torch_does(module, route, reason, tmp_path):
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    dynamic = ({0: torch.export.Dim("rows")},)
+    program = torch.export.export(module, (x,), dynamic_shapes=dynamic)
+    lowered = lower(program, opset=OPSET, dynamic_shapes=dynamic, input_names=["x"], output_names=["y"], optimize=True)
+    assert lowered.route is route
+    assert lowered.reason.startswith(reason)
+    assert _shapes(lowered.model.graph.inputs) == [("x", ["rows", 8])]
+    other = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))  # another number of rows
+    (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": other.numpy()})
+    np.testing.assert_allclose(actual, module(other).numpy(), rtol=1e-3, atol=1e-3)
