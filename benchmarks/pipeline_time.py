@@ -36,7 +36,10 @@ def run_once(source: Path, out: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
     environment = {**os.environ, "PYTHONPATH": str(source)}
     start = time.perf_counter()
-    finished = subprocess.run([*command, "--json"], env=environment, capture_output=True, text=True, check=False)
+    # From ``source``: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    finished = subprocess.run(
+        [*command, "--json"], cwd=source, env=environment, capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - start
     if finished.returncode != 0:
         raise SystemExit(f"fptq compile from {source} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
@@ -45,6 +48,16 @@ def run_once(source: Path, out: Path) -> dict[str, Any]:
     parts.update({f"compile.{step}": value for step, value in result["seconds_per_step"].items()})
     parts.update({f"export.{step}": value for step, value in result.get("export_seconds_per_step", {}).items()})
     return parts
+
+
+def check_imports_from(source: Path) -> None:
+    """Refuse a checkout whose runs would import fptq_compile from elsewhere (an installed copy)."""
+    probe = [sys.executable, "-c", "import fptq_compile; print(fptq_compile.__file__)"]
+    environment = {**os.environ, "PYTHONPATH": str(source)}
+    found = subprocess.run(probe, cwd=source, env=environment, capture_output=True, text=True, check=True)
+    package = Path(found.stdout.strip()).resolve().parent.parent
+    if package != source.resolve():
+        raise SystemExit(f"a run from {source} imports fptq_compile from {package}")
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -59,6 +72,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=SOURCE / "benchmarks" / "results" / "pipeline_time.json")
     args = parser.parse_args()
     sources = {"this": SOURCE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    for source in sources.values():
+        check_imports_from(source)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
     scratch = Path(tempfile.mkdtemp(prefix="pipeline_time."))
     try:
