@@ -188,6 +188,8 @@ def test_every_parameter_matmul_is_quantized_or_skipped_and_onnx_matches(family,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fusions that do not apply are reported below
             export = export_onnx(compiled, tmp_path / f"{layout.value}.onnx", layout)
+        # Every family's compiled graph is translated without torch.onnx's decomposition re-trace.
+        assert (export.lowering, export.decomposed_because) == ("direct", "")
         session = OrtCausalLM.load(export.path, exact=True)
         # Mostly ~1e-6; an int8 rounding flip (ORT and torch differ in a value's last float bit
         # at a rounding boundary) moves a logit by ~1e-3 (Qwen2 measured 2.2e-3 once the

@@ -101,6 +101,14 @@ class _Casts(nn.Module):
         return (half * 3).to(x) + x.type_as(half).float()
 
 
+class _Masks(nn.Module):
+    """Python's ``&`` and ``|`` on boolean tensors, as a sliding-window mask combines them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inside = (x > -1) & (x < 1) | (x > 2)
+        return torch.where(inside, x, torch.zeros_like(x))
+
+
 class _Mutates(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
@@ -117,6 +125,7 @@ class _Std(nn.Module):
     ("module", "route", "reason"),
     [
         (_Casts(), Route.DIRECT, ""),
+        (_Masks(), Route.DIRECT, ""),
         (_Mutates(), Route.DECOMPOSED, "aten.add_.Tensor (node add_) mutates its input"),
         (_Std(), Route.DECOMPOSED, "aten.std.dim (node std) has no ONNX translation of its own"),
     ],
@@ -132,3 +141,17 @@ def test_each_program_takes_the_route_its_ops_allow_and_computes_what_torch_does
     other = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))  # another number of rows
     (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": other.numpy()})
     np.testing.assert_allclose(actual, module(other).numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_a_direct_translation_that_fails_falls_back_to_the_decomposition_and_says_why(monkeypatch, tmp_path):
+    def broken(program):
+        raise RuntimeError("an internal API changed")
+
+    monkeypatch.setattr(onnx_lowering, "_as_decomposed", broken)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(_Casts(), (x,))
+    lowered = lower(program, opset=OPSET, dynamic_shapes=None, input_names=["x"], output_names=["y"], optimize=True)
+    assert lowered.route is Route.DECOMPOSED
+    assert lowered.reason == "the direct translation failed (RuntimeError: an internal API changed)"
+    (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": x.numpy()})
+    np.testing.assert_allclose(actual, _Casts()(x).numpy(), rtol=1e-3, atol=1e-3)

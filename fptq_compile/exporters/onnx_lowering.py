@@ -2,24 +2,25 @@
 
 ``torch.onnx.export(program)`` starts with ``program.run_decompositions``, which traces the
 whole graph again under symbolic shapes, even when every op of it already has an ONNX
-translation. For SmolLM2 that re-trace is ~21 s of a ~26 s ``torch.onnx.export`` on a
-2-core Zen 4 (:mod:`benchmarks.onnx_lowering`). A compiled graph holds few kinds of ops
-(SmolLM2: 33), all of which torchlib or :mod:`~fptq_compile.exporters.onnx_translations`
-translate as they are, except ``aten.to``, which the decomposition turns into
-``aten._to_copy``.
+translation. For SmolLM2 that re-trace is ~19-25 s of a ~25-30 s ``torch.onnx.export`` on
+a 2-core Zen 4 (``benchmarks/onnx_lowering.py``). A compiled graph holds few kinds of op
+(SmolLM2: 33), which torchlib or :mod:`~fptq_compile.exporters.onnx_translations`
+translate as they are, except ``aten.to`` and Python's ``&``, ``|``, ``^`` on masks, which
+the decomposition rewrites as ``aten._to_copy`` and ``aten.bitwise_*``.
 
-:func:`lower` therefore translates the program directly (``DIRECT``) when that holds: it
-rewrites ``aten.to`` as the decomposition would, runs the two graph passes torch.onnx runs
-after decomposing (explicit type promotion, assertions removed) on a copy of the graph,
-and hands it to torch.onnx's translator; then it converts the opset, names the inputs,
-outputs and dynamic axes, and optimizes, as ``torch.onnx.export`` does. A program with any
-other op outside the translation tables, or with an op that mutates its input (which only
-the decomposition makes functional), goes through ``torch.onnx.export`` (``DECOMPOSED``),
-and :class:`Lowered` says why.
+:func:`lower` therefore translates the program directly (``DIRECT``) when that holds: on
+a copy of the graph it rewrites those ops as the decomposition would and runs the two
+graph passes torch.onnx runs after decomposing (explicit type promotion, assertions
+removed), and hands it to torch.onnx's translator; then it converts the opset, names the
+inputs, outputs and dynamic axes, and optimizes, as ``torch.onnx.export`` does. A program
+with any other op outside the translation tables, or with an op that mutates its input
+(which only the decomposition makes functional), goes through ``torch.onnx.export``
+(``DECOMPOSED``), and :class:`Lowered` says why. Every family of ``tests/test_families.py``
+takes the direct route.
 
-The translator is torch.onnx's internal API (``torch.onnx._internal.exporter``), stable
-across the torch versions ``pyproject.toml`` allows; should it move, every program takes
-the ``DECOMPOSED`` route, with that reason.
+The translator is torch.onnx's internal API (``torch.onnx._internal.exporter``, tested with
+torch 2.13): should it move or fail on a graph, the program takes the ``DECOMPOSED`` route,
+with that reason.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_translations import TRANSLATION_TABLE
 
 _ATEN = torch.ops.aten
-# What torch.onnx's decomposition makes of these (the device is not ONNX's concern).
-_TO_COPY = {_ATEN.to.dtype: 1, _ATEN.to.device: 2}
-"""``aten.to`` overload -> position of its dtype argument."""
+_TO_COPY = {_ATEN.to.dtype, _ATEN.to.device, _ATEN.to.dtype_layout}
+"""The ``aten.to`` overloads that name their dtype, which torch.onnx's decomposition writes
+as ``aten._to_copy(x, dtype=...)`` (the device and layout are not ONNX's concern)."""
+_BITWISE = {
+    _ATEN.__and__.Tensor: _ATEN.bitwise_and.Tensor,
+    _ATEN.__or__.Tensor: _ATEN.bitwise_or.Tensor,
+    _ATEN.__xor__.Tensor: _ATEN.bitwise_xor.Tensor,
+}
+"""Python's ``&``, ``|``, ``^`` on tensors (masks), as the decomposition writes them."""
 
 
 class Route(enum.Enum):
@@ -78,15 +85,17 @@ def lower(
         return Lowered(model, Route.DECOMPOSED, reason)
     from torch.onnx._internal.exporter import _core, _fx_passes  # _direct_translation found them
 
-    copied = _with_to_copy(program)
-    # As torch.onnx.export runs them (its config module installs ``patch`` at import).
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-        _fx_passes.insert_type_promotion_nodes(copied.graph_module)
-        _fx_passes.remove_assertion_nodes(copied.graph_module)
     try:
+        copied = _as_decomposed(program)
+        # As torch.onnx.export runs them (its config module installs ``patch`` at import).
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+            _fx_passes.insert_type_promotion_nodes(copied.graph_module)
+            _fx_passes.remove_assertion_nodes(copied.graph_module)
         onnx_program = _core._exported_program_to_onnx_program(copied, registry=registry)
-    except Exception as error:  # the translator raises many types; keep the cause
-        raise ExportError(f"torch.onnx could not translate the graph: {type(error).__name__}: {error}") from error
+    except Exception as error:  # the translator raises many types: the public route may still work
+        reason = f"the direct translation failed ({type(error).__name__}: {str(error)[:300]})"
+        model = _decomposed(program, opset, dynamic_shapes, input_names, output_names, optimize)
+        return Lowered(model, Route.DECOMPOSED, reason)
     version_converter.convert_version(onnx_program.model, opset, fallback=True)
     if optimize:
         onnx_program.optimize()
@@ -118,7 +127,7 @@ def untranslatable_op(graph: fx.Graph, registry: Any) -> str:
             continue  # placeholders, outputs, getitem and SymInt arithmetic translate as they are
         if target._schema.is_mutable:
             return f"{target} (node {node.name}) mutates its input: only the decomposition makes it functional"
-        if target in _TO_COPY or target in _ASSERTIONS or registry.get_decomps(target):
+        if target in _TO_COPY or target in _ASSERTIONS or registry.get_decomps(_BITWISE.get(target, target)):
             continue
         return f"{target} (node {node.name}) has no ONNX translation of its own: it must be decomposed"
     return ""
@@ -134,20 +143,24 @@ _ASSERTIONS = {
 """Checks torch.onnx removes before translating (``remove_assertion_nodes``)."""
 
 
-def _with_to_copy(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The program on a copy of its graph (tensors shared) in which ``aten.to`` is
-    ``aten._to_copy``, as the decomposition writes it."""
+def _as_decomposed(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program on a copy of its graph (tensors shared) in which ``aten.to`` and the
+    bitwise operators are written as the decomposition writes them."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(program.graph, {}))
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _TO_COPY:
-            position = _TO_COPY[node.target]
-            dtype = node.args[position] if len(node.args) > position else node.kwargs.get("dtype")
-            with graph.inserting_before(node):
-                cast = graph.call_function(_ATEN._to_copy.default, (node.args[0],), {"dtype": dtype})
-            cast.meta = dict(node.meta)
-            node.replace_all_uses_with(cast)
-            graph.erase_node(node)
+        if node.op != "call_function" or (node.target not in _TO_COPY and node.target not in _BITWISE):
+            continue
+        with graph.inserting_before(node):
+            if node.target in _TO_COPY:
+                rewritten = graph.call_function(
+                    _ATEN._to_copy.default, (node.args[0],), {"dtype": _dtype_argument(node)}
+                )
+            else:
+                rewritten = graph.call_function(_BITWISE[node.target], node.args, node.kwargs)
+        rewritten.meta = dict(node.meta)
+        node.replace_all_uses_with(rewritten)
+        graph.erase_node(node)
     return torch.export.ExportedProgram(
         root=program.graph_module,
         graph=graph,
@@ -159,6 +172,14 @@ def _with_to_copy(program: torch.export.ExportedProgram) -> torch.export.Exporte
         constants=program.constants,
         verifiers=program.verifiers,
     )
+
+
+def _dtype_argument(node: fx.Node) -> Any:
+    """The ``dtype`` an ``aten.to`` call passes, positionally or by keyword (None: unchanged)."""
+    assert isinstance(node.target, torch._ops.OpOverload)  # an aten.to overload
+    names = [argument.name for argument in node.target._schema.arguments]
+    position = names.index("dtype")
+    return node.args[position] if len(node.args) > position else node.kwargs.get("dtype")
 
 
 def _name(values: Sequence[ir.Value], names: Sequence[str] | None) -> None:
