@@ -3,7 +3,7 @@
 Issue 5 asks for export time linear in model size. Random-weight Llamas in memory (no
 checkpoint), each compiled with round-to-nearest weights on one random-token sequence of
 64 tokens, then exported with :func:`fptq_compile.exporters.export_onnx` in the ``ort``
-layout (capture, ``torch.onnx.export``, the ONNX Runtime fusions and their check, saving);
+layout (capture, lowering to ONNX, the ONNX Runtime fusions and their check, saving);
 the export is timed alone, ``--repeats`` times, median kept.
 
 - ``depth``: hidden 256 (intermediate 704, 8 heads, 4 key/value heads), 4 / 8 / 16 / 32

@@ -32,7 +32,7 @@ from fptq_compile.capture import (
     select_linears,
 )
 from fptq_compile.config import CompileConfig, WeightRounding
-from fptq_compile.errors import ConfigError, UnsupportedGraphError
+from fptq_compile.errors import ConfigError, ExportError, UnsupportedGraphError
 from fptq_compile.graph_utils import (
     attribute_targets,
     drop_unused_attributes,
@@ -134,15 +134,7 @@ class CompiledModel:
         """The graph re-exported as a ``torch.export`` program (for saving and for ONNX; one
         program serves both). It shares the graph module's tensors: nothing is copied."""
         self._check_in_memory()
-        signature = self.example_signature()
-        with torch.no_grad():
-            return torch.export.export(
-                self.graph_module,
-                signature.args,
-                signature.kwargs,
-                dynamic_shapes=signature.dynamic_shapes,
-                strict=False,
-            )
+        return export_graph(self.graph_module, self.example_signature())
 
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One cached step (a causal LM): logits of the new tokens and the cache extended by them."""
@@ -173,6 +165,19 @@ class CompiledModel:
                 f"the compiled blocks' tensors are on disk ({self.offloaded.folder}): export the model, "
                 "or call in_memory() first if it fits in memory"
             )
+
+
+def export_graph(graph_module: fx.GraphModule, signature: GraphSignature) -> torch.export.ExportedProgram:
+    """A compiled graph re-exported (non-strict) as a ``torch.export`` program sharing its tensors."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                graph_module, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
+            )
+    except Exception as error:  # torch.export raises many unrelated types; keep the cause
+        raise ExportError(
+            f"torch.export could not capture the compiled graph: {type(error).__name__}: {error}"
+        ) from error
 
 
 @dataclass(frozen=True)

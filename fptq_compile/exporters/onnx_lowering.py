@@ -80,20 +80,13 @@ def lower(
     """``program`` as an ONNX model in ``opset``, directly translated when every op allows it
     (see the module docstring), else through ``torch.onnx.export``. The program is not changed."""
     reason, registry = _direct_translation(program, opset)
-    if reason:
-        model = _decomposed(program, opset, dynamic_shapes, input_names, output_names, optimize)
-        return Lowered(model, Route.DECOMPOSED, reason)
-    from torch.onnx._internal.exporter import _core, _fx_passes  # _direct_translation found them
-
-    try:
-        copied = _as_decomposed(program)
-        # As torch.onnx.export runs them (its config module installs ``patch`` at import).
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-            _fx_passes.insert_type_promotion_nodes(copied.graph_module)
-            _fx_passes.remove_assertion_nodes(copied.graph_module)
-        onnx_program = _core._exported_program_to_onnx_program(copied, registry=registry)
-    except Exception as error:  # the translator raises many types: the public route may still work
-        reason = f"the direct translation failed ({type(error).__name__}: {str(error)[:300]})"
+    onnx_program = None
+    if not reason:
+        try:
+            onnx_program = _translate(program, registry)
+        except Exception as error:  # the translator raises many types: the public route may still work
+            reason = f"the direct translation failed ({type(error).__name__}: {str(error)[:300]})"
+    if onnx_program is None:
         model = _decomposed(program, opset, dynamic_shapes, input_names, output_names, optimize)
         return Lowered(model, Route.DECOMPOSED, reason)
     version_converter.convert_version(onnx_program.model, opset, fallback=True)
@@ -103,6 +96,19 @@ def lower(
     _name(onnx_program.model.graph.outputs, output_names)
     onnx_program.rename_axes(_axis_names(onnx_program.model.graph.inputs, dynamic_shapes))
     return Lowered(onnx_program.model, Route.DIRECT)
+
+
+def _translate(program: torch.export.ExportedProgram, registry: Any) -> Any:
+    """torch.onnx's translation of ``program`` (an ``ONNXProgram``), after the rewrites and the
+    graph passes its decomposition route makes, on a copy of the graph."""
+    from torch.onnx._internal.exporter import _core, _fx_passes  # _direct_translation found them
+
+    copied = _as_decomposed(program)
+    # As torch.onnx.export runs them (its config module installs ``patch`` at import).
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        _fx_passes.insert_type_promotion_nodes(copied.graph_module)
+        _fx_passes.remove_assertion_nodes(copied.graph_module)
+    return _core._exported_program_to_onnx_program(copied, registry=registry)
 
 
 def _direct_translation(program: torch.export.ExportedProgram, opset: int) -> tuple[str, Any]:

@@ -52,7 +52,7 @@ from fptq_compile.exporters.onnx_rewrites import (
 )
 from fptq_compile.graph_utils import attribute_targets, fetch_tensor, replace_tensor, retarget_devices
 from fptq_compile.offload import TensorStore
-from fptq_compile.pipeline import CompiledModel
+from fptq_compile.pipeline import CompiledModel, export_graph
 
 OPSET = 21
 # Models over this size keep their tensors in an external data file (protobuf's 2 GB limit).
@@ -178,8 +178,8 @@ def _lower(
     if compiled.on_disk:
         lowered = _export_offloaded(compiled, signature)
     else:
-        graph = compiled.graph_module if program is None else program
-        lowered = _export(graph, signature, compiled.kv_layout, optimize=optimize)
+        program = compiled.exported_program() if program is None else program
+        lowered = _export(program, signature, compiled.kv_layout, optimize=optimize)
     model = lowered.model
     if compiled.on_disk or not optimize:
         # Without the optimizer the quantization scales stay Constant nodes; as initializers
@@ -198,26 +198,11 @@ def _lower(
 
 
 def _export(
-    graph: torch.fx.GraphModule | torch.export.ExportedProgram,
-    signature: GraphSignature,
-    kv_layout: KVCacheLayout | None,
-    optimize: bool,
+    program: torch.export.ExportedProgram, signature: GraphSignature, kv_layout: KVCacheLayout | None, optimize: bool
 ) -> Lowered:
-    """The graph (captured with ``signature``, unless it is a program already) lowered to ONNX
-    (:func:`~fptq_compile.exporters.onnx_lowering.lower`), a causal LM's inputs and outputs
-    named as runtimes expect (any other graph keeps its own)."""
+    """The program lowered to ONNX (:func:`~fptq_compile.exporters.onnx_lowering.lower`), a
+    causal LM's inputs and outputs named as runtimes expect (any other graph keeps its own)."""
     input_names, output_names = io_names(kv_layout) if kv_layout is not None else (None, None)
-    if isinstance(graph, torch.export.ExportedProgram):
-        program = graph
-    else:
-        try:
-            with torch.no_grad():
-                program = torch.export.export(
-                    graph, signature.args, signature.kwargs, dynamic_shapes=signature.dynamic_shapes, strict=False
-                )
-        except Exception as error:  # torch.export raises many unrelated types; keep the cause
-            cause = f"{type(error).__name__}: {error}"
-            raise ExportError(f"torch.export could not capture the compiled graph: {cause}") from error
     return lower(
         program,
         opset=OPSET,
@@ -246,7 +231,8 @@ def _export_offloaded(compiled: CompiledModel, signature: GraphSignature) -> Low
             signature, args=pytree.tree_map(lambda value: _on_meta(value), signature.args)
         )
         # The optimizer folds constants: it would read every weight. ONNX Runtime folds them when loading.
-        lowered = _export(graph_module, meta_signature, compiled.kv_layout, optimize=False)
+        program = export_graph(graph_module, meta_signature)
+        lowered = _export(program, meta_signature, compiled.kv_layout, optimize=False)
     finally:
         retarget_devices(graph_module, "meta", "cpu")
         for target, tensor in in_memory.items():
