@@ -31,14 +31,18 @@ from typing import Any
 SOURCE = Path(__file__).resolve().parents[1]
 
 
+def from_checkout(source: Path) -> dict[str, Any]:
+    """``subprocess.run`` arguments that import fptq_compile from ``source``: on PYTHONPATH,
+    and the working directory, which ``python -m`` puts first on sys.path."""
+    return {"cwd": source, "env": {**os.environ, "PYTHONPATH": str(source)}}
+
+
 def run_once(source: Path, out: Path) -> dict[str, Any]:
     """One ``fptq compile`` of the default model with the package imported from ``source``."""
     command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
-    environment = {**os.environ, "PYTHONPATH": str(source)}
     start = time.perf_counter()
-    # From ``source``: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH.
     finished = subprocess.run(
-        [*command, "--json"], cwd=source, env=environment, capture_output=True, text=True, check=False
+        [*command, "--json"], **from_checkout(source), capture_output=True, text=True, check=False
     )
     wall = time.perf_counter() - start
     if finished.returncode != 0:
@@ -53,8 +57,7 @@ def run_once(source: Path, out: Path) -> dict[str, Any]:
 def check_imports_from(source: Path) -> None:
     """Refuse a checkout whose runs would import fptq_compile from elsewhere (an installed copy)."""
     probe = [sys.executable, "-c", "import fptq_compile; print(fptq_compile.__file__)"]
-    environment = {**os.environ, "PYTHONPATH": str(source)}
-    found = subprocess.run(probe, cwd=source, env=environment, capture_output=True, text=True, check=True)
+    found = subprocess.run(probe, **from_checkout(source), capture_output=True, text=True, check=True)
     package = Path(found.stdout.strip()).resolve().parent.parent
     if package != source.resolve():
         raise SystemExit(f"a run from {source} imports fptq_compile from {package}")

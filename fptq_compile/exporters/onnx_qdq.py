@@ -193,8 +193,10 @@ def _lower(
     packed = pack_int4_weights(model)  # by tensor name, so before merging renames them
     if layout is OnnxLayout.ORT:
         merged = merge_parallel_matmuls(model)
-    export = OnnxExport(Path(), layout, packed, k_major, 0, merged)
-    return model, dataclasses.replace(export, lowering=lowered.route.value, decomposed_because=lowered.reason)
+    export = OnnxExport(
+        Path(), layout, packed, k_major, 0, merged, lowering=lowered.route.value, decomposed_because=lowered.reason
+    )
+    return model, export
 
 
 def _export(
