@@ -215,3 +215,18 @@ def optimized_by_ort(path: Path, folder: Path) -> onnx.ModelProto:
     options.optimized_model_filepath = str(folder / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return onnx.load(folder / "optimized.onnx")
+
+
+def type_promotion_casts(program: torch.export.ExportedProgram) -> tuple[bool, bool]:
+    """For the graph the ONNX lowering translates: whether ``needs_type_promotion`` expects
+    a cast, and whether torch.onnx's type-promotion pass, run on it, inserts one."""
+    from torch.onnx._internal.exporter import _fx_passes
+
+    from fptq_compile.exporters.onnx_lowering import _as_decomposed, needs_type_promotion
+
+    graph_module = _as_decomposed(program).graph_module
+    expected = needs_type_promotion(graph_module)
+    before = [(node.target, node.args) for node in graph_module.graph.nodes]
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        _fx_passes.insert_type_promotion_nodes(graph_module)
+    return expected, before != [(node.target, node.args) for node in graph_module.graph.nodes]

@@ -16,7 +16,7 @@ import torch
 import transformers
 from conftest import TINY_DECODER as _DECODER
 from conftest import TINY_SIZES as _SIZES
-from conftest import collect_stats, lae_everywhere_config
+from conftest import collect_stats, lae_everywhere_config, type_promotion_casts
 from torch import nn
 
 import fptq_compile as fptq
@@ -183,6 +183,9 @@ def test_every_parameter_matmul_is_quantized_or_skipped_and_onnx_matches(family,
     assert all(skipped.values()) and len(planned) >= 4 * 2
     kinds = {group.activation.kind for group in compiled.plan.groups}
     assert kinds == {ActivationClass.STATIC, ActivationClass.LAE_STATIC, ActivationClass.DYNAMIC}
+    # The lowering skips torch.onnx's type-promotion pass only where it would cast nothing.
+    expected, cast = type_promotion_casts(compiled.exported_program())
+    assert expected == cast
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     for layout in (OnnxLayout.QDQ, OnnxLayout.ORT):  # the ort export is checked for fusions below
         with warnings.catch_warnings():

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, type_promotion_casts
 from torch import nn
 
 import fptq_compile as fptq
@@ -138,6 +138,30 @@ def test_each_program_takes_the_route_its_ops_allow_and_computes_what_torch_does
     other = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))  # another number of rows
     (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": other.numpy()})
     np.testing.assert_allclose(actual, module(other).numpy(), rtol=1e-3, atol=1e-3)
+
+
+class _MixedDtypes(nn.Module):
+    """float16 and float32 operands of one add: the type-promotion pass casts one of them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.half() + x
+
+
+class _OneDtype(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > x.mean(), x * x, x)
+
+
+@pytest.mark.parametrize(
+    ("module", "casts"),
+    # ``half * 3`` and ``x > -1`` cast their int scalar, ``half + float`` one operand.
+    [(_Casts(), True), (_Masks(), True), (_MixedDtypes(), True), (_OneDtype(), False)],
+)
+def test_the_type_promotion_check_agrees_with_the_pass_it_skips(module, casts, compiled_llama):
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(module, (x,))
+    assert type_promotion_casts(program) == (casts, casts)
+    assert type_promotion_casts(compiled_llama.exported_program()) == (False, False)
 
 
 def test_a_direct_translation_that_fails_falls_back_to_the_decomposition_and_says_why(monkeypatch, tmp_path):

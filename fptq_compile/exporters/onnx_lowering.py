@@ -11,7 +11,8 @@ the decomposition rewrites as ``aten._to_copy`` and ``aten.bitwise_*``.
 :func:`lower` therefore translates the program directly (``DIRECT``) when that holds: on
 a copy of the graph it rewrites those ops as the decomposition would and runs the two
 graph passes torch.onnx runs after decomposing (explicit type promotion, assertions
-removed), and hands it to torch.onnx's translator; then it converts the opset, names the
+removed; the first only where :func:`needs_type_promotion` finds something to cast), and
+hands it to torch.onnx's translator; then it converts the opset, names the
 inputs, outputs and dynamic axes, and optimizes, as ``torch.onnx.export`` does. A program
 with any other op outside the translation tables, or with an op that mutates its input
 (which only the decomposition makes functional), goes through ``torch.onnx.export``
@@ -106,9 +107,56 @@ def _translate(program: torch.export.ExportedProgram, registry: Any) -> Any:
     copied = _as_decomposed(program)
     # As torch.onnx.export runs them (its config module installs ``patch`` at import).
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-        _fx_passes.insert_type_promotion_nodes(copied.graph_module)
+        if needs_type_promotion(copied.graph_module):
+            _fx_passes.insert_type_promotion_nodes(copied.graph_module)
         _fx_passes.remove_assertion_nodes(copied.graph_module)
     return _core._exported_program_to_onnx_program(copied, registry=registry)
+
+
+def needs_type_promotion(graph_module: fx.GraphModule) -> bool:
+    """Whether torch.onnx's type-promotion pass would cast anything in ``graph_module``
+    (True when this cannot tell).
+
+    The pass re-runs every node on fake tensors (~4 s on SmolLM2, where it casts nothing).
+    This asks its own rules the same question from the dtypes the graph records: for each
+    node with a promotion rule, whether an argument's dtype differs from the one the rule
+    promotes it to, which is exactly when the pass inserts a cast (after a cast a node keeps
+    its dtype, so later nodes see the dtypes recorded here).
+    """
+    try:
+        from torch.onnx._internal.fx import type_utils
+        from torch.onnx._internal.fx.passes import type_promotion
+    except ImportError:
+        return True
+    table = type_promotion.TypePromotionTable()
+    for module in graph_module.modules():
+        if not isinstance(module, fx.GraphModule):
+            return True  # the pass refuses it: let it say so
+        for node in module.graph.nodes:
+            rule = type_promotion.get_type_promotion_rule(node, table)
+            if rule is None:
+                continue
+            if any(arg.meta.get("val") is None for arg in node.all_input_nodes):
+                return True
+            args, kwargs = pytree.tree_map_only(fx.Node, lambda arg: arg.meta["val"], (node.args, node.kwargs))
+            promotion = rule.preview_type_promotion(args, kwargs)
+            targets = [(value, promotion.args_dtypes.get(index)) for index, value in enumerate(args)]
+            targets += [(value, promotion.kwargs_dtypes.get(name)) for name, value in kwargs.items()]
+            if any(_would_cast(value, dtype, type_utils) for value, dtype in targets):
+                return True
+    return False
+
+
+def _would_cast(value: Any, dtype: torch.dtype | None, type_utils: Any) -> bool:
+    """Whether the type-promotion pass casts argument ``value`` to ``dtype`` (None: left as it is)."""
+    if dtype is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dtype != dtype
+    if isinstance(value, (list, tuple)):
+        return any(_would_cast(item, dtype, type_utils) for item in value)
+    equivalent = type_utils.from_scalar_type_to_torch_dtype(type(value))  # Python and symbolic scalars
+    return equivalent is None or equivalent != dtype
 
 
 def _direct_translation(program: torch.export.ExportedProgram, opset: int) -> tuple[str, Any]:
