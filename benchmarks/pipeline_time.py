@@ -9,9 +9,12 @@ compile and export, each compile step, each export step.
 ``--baseline PATH`` also runs another checkout of fptq_compile (a ``git worktree`` of an
 earlier commit), alternating with this one in the same session, so the two are compared
 on the same (shared, noisy) machine. Parts that the baseline's ``--json`` does not report
-are left out of its row. Writes JSON (default benchmarks/results/pipeline_time.json).
+are left out of its row. ``--variant NAME="OPTIONS"`` adds a row of this checkout run with
+more ``fptq compile`` options (e.g. ``bf16="--calib-dtype bfloat16"``), in the same
+rotation. Writes JSON (default benchmarks/results/pipeline_time.json).
 
-    python benchmarks/pipeline_time.py [--repeats 3] [--baseline PATH] [--json PATH]
+    python benchmarks/pipeline_time.py [--repeats 3] [--baseline PATH] [--variant NAME=OPTIONS ...]
+                                       [--json PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -37,9 +41,10 @@ def from_checkout(source: Path) -> dict[str, Any]:
     return {"cwd": source, "env": {**os.environ, "PYTHONPATH": str(source)}}
 
 
-def run_once(source: Path, out: Path) -> dict[str, Any]:
+def run_once(source: Path, out: Path, options: list[str]) -> dict[str, Any]:
     """One ``fptq compile`` of the default model with the package imported from ``source``."""
     command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
+    command += options
     start = time.perf_counter()
     finished = subprocess.run(
         [*command, "--json"], **from_checkout(source), capture_output=True, text=True, check=False
@@ -72,22 +77,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another fptq_compile checkout, run alternating with this one")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=OPTIONS", help="this checkout with more options"
+    )
     parser.add_argument("--json", type=Path, default=SOURCE / "benchmarks" / "results" / "pipeline_time.json")
     args = parser.parse_args()
     sources = {"this": SOURCE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    for source in sources.values():
+    options: dict[str, list[str]] = {name: [] for name in sources}
+    for variant in args.variant:
+        name, _, line = variant.partition("=")
+        if not name or name in sources:
+            raise SystemExit(f"--variant needs a new NAME=OPTIONS, got {variant!r}")
+        sources[name], options[name] = SOURCE, shlex.split(line)
+    for source in set(sources.values()):
         check_imports_from(source)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
     scratch = Path(tempfile.mkdtemp(prefix="pipeline_time."))
     try:
         for repeat in range(args.repeats):
             for name, source in sources.items():
-                runs[name].append(run_once(source, scratch / name))
+                runs[name].append(run_once(source, scratch / name, options[name]))
                 print(f"{name} run {repeat + 1}: {json.dumps(runs[name][-1])}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary = {
-        name: {"source": str(sources[name]), "medians": medians(rows), "runs": rows} for name, rows in runs.items()
+        name: {"source": str(sources[name]), "options": options[name], "medians": medians(rows), "runs": rows}
+        for name, rows in runs.items()
     }
     for name, row in summary.items():
         print(f"{name} ({row['source']}), medians of {args.repeats}: {json.dumps(row['medians'])}")

@@ -17,6 +17,7 @@ from fptq_compile.calibration import HFDataset, RandomTokens, TextFile, Texts
 from fptq_compile.config import (
     ActivationConfig,
     ActivationPolicy,
+    CalibrationDtype,
     CompileConfig,
     GPTQConfig,
     WeightConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "ActivationConfig",
     "ActivationPolicy",
     "Analysis",
+    "CalibrationDtype",
     "CalibrationError",
     "CompileConfig",
     "CompileReport",

@@ -9,6 +9,7 @@ mode (:class:`RandomTokens`). Text is tokenized once; ``num_samples`` windows of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from fptq_compile.config import CalibrationDtype
 from fptq_compile.errors import CalibrationError
 
 
@@ -148,17 +151,35 @@ def _read_hf_dataset(source: HFDataset) -> str:
 
 
 def run_calibration(
-    forward: Callable[[torch.Tensor], object], token_ids: torch.Tensor, batch_size: int, progress: bool = True
+    forward: Callable[[torch.Tensor], object],
+    token_ids: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+    dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
 ) -> None:
     """Run ``token_ids`` through ``forward`` in batches (observers record what they see)."""
-    run_batches(forward, token_ids.split(batch_size), progress)
+    run_batches(forward, token_ids.split(batch_size), progress, dtype)
 
 
-def run_batches(forward: Callable[[Any], object], batches: Sequence[Any], progress: bool = True) -> None:
-    """Run every batch through ``forward``, under ``torch.no_grad``."""
-    with torch.no_grad():
+def run_batches(
+    forward: Callable[[Any], object],
+    batches: Sequence[Any],
+    progress: bool = True,
+    dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
+) -> None:
+    """Run every batch through ``forward``, under ``torch.no_grad``, its matrix products in ``dtype``."""
+    with torch.no_grad(), matmul_precision(dtype, batches[0] if batches else None):
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
             forward(batch)
+
+
+def matmul_precision(dtype: CalibrationDtype, inputs: Any = None) -> contextlib.AbstractContextManager[object]:
+    """The context to calibrate in: ``torch.autocast`` to bfloat16 on the device of the first
+    tensor in ``inputs`` (CPU if none) for ``BFLOAT16``, nothing for ``FLOAT32``."""
+    if dtype is CalibrationDtype.FLOAT32:
+        return contextlib.nullcontext()
+    tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    return torch.autocast(tensors[0].device.type if tensors else "cpu", dtype=torch.bfloat16)
 
 
 def input_batches(source: object) -> list[Any]:

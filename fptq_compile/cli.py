@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fptq_compile.config import ActivationPolicy, WeightRounding
+from fptq_compile.config import ActivationPolicy, CalibrationDtype, WeightRounding
 from fptq_compile.errors import ConfigError, FptqError
 from fptq_compile.exporters.onnx_qdq import OnnxLayout
 from fptq_compile.progress import StepProgress
@@ -156,6 +156,12 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, metavar="N", help="calibration sequences (default 32)")
     parser.add_argument("--seq-len", type=int, metavar="L", help="tokens per calibration sequence (default 512)")
     parser.add_argument(
+        "--calib-dtype",
+        choices=[d.value for d in CalibrationDtype],
+        help="precision of the matmuls while calibrating: float32 (default) or bfloat16 (torch.autocast; "
+        "faster on CPUs with bfloat16 units and on GPUs, statistics slightly different)",
+    )
+    parser.add_argument(
         "--group-size", type=int, metavar="G", help="int4 weight group size, a power of two (default 128)"
     )
     parser.add_argument("--symmetric", action="store_true", help="symmetric int4 weight groups (default asymmetric)")
@@ -214,6 +220,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
     put("calibration", "source", args.calib)
     put("calibration", "samples", args.samples)
     put("calibration", "seq_len", args.seq_len)
+    put(None, "calibration_dtype", args.calib_dtype)
     put("weights", "group_size", args.group_size)
     put("weights", "symmetric", True if args.symmetric else None)
     put("weights", "rounding", args.rounding)

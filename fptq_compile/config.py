@@ -46,6 +46,20 @@ class WeightRounding(enum.Enum):
     """Round to nearest (RTN): no Hessians, faster compile."""
 
 
+class CalibrationDtype(enum.Enum):
+    """The precision of the graph's matrix products while calibrating and measuring errors."""
+
+    FLOAT32 = "float32"
+    """Everything in float32, as the model was captured (DESIGN.md's protocol)."""
+    BFLOAT16 = "bfloat16"
+    """Linears, matmuls and attention in bfloat16 under ``torch.autocast``, everything else
+    (norms, residual sums, activations) in float32. The observers and error probes read what
+    each linear reads in that run: float32, except attention's output (``o_proj``'s input),
+    which is bfloat16. Faster where bfloat16 matmuls are (AVX512-BF16 or AMX CPUs, GPUs),
+    slower on a CPU without bfloat16 units. The statistics move with the activations, so a
+    group near a threshold may be planned otherwise than in float32."""
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ rounding of the int4 weights (see :mod:`fptq_compile.gptq`)."""
@@ -152,6 +166,8 @@ class CompileConfig:
     calibration_batch_size: int = 4
     error_samples: int = 4
     """Calibration sequences on which the report measures each group's int8 error (0: skip)."""
+    calibration_dtype: CalibrationDtype = CalibrationDtype.FLOAT32
+    """The precision calibration and the error measurement run the graph in."""
     calibrate_by_block: bool = False
     """Calibrate a causal LM's decoder blocks one after another (one block's activations in
     flight), with one captured block graph rebound to each block: the same statistics, errors
@@ -184,6 +200,7 @@ def config_to_dict(config: CompileConfig) -> dict[str, Any]:
     data["activations"]["clip_ratios"] = list(config.activations.clip_ratios)
     data["weights"]["clip_ratios"] = list(config.weights.clip_ratios)
     data["weights"]["rounding"] = config.weights.rounding.value
+    data["calibration_dtype"] = config.calibration_dtype.value
     data["include"], data["ignore"] = list(config.include), list(config.ignore)
     data["int8_weight_only"] = list(config.int8_weight_only)
     return data

@@ -7,6 +7,7 @@ compile options are those of :class:`~fptq_compile.config.CompileConfig`::
     offload = false                  # true: blocks stay on disk, compiled one at a time
     ignore = ["model.layers.0.*"]
     int8_weight_only = ["lm_head"]   # int8 weights, float activations
+    calibration_dtype = "float32"    # or bfloat16: matmuls in bfloat16 while calibrating
 
     [calibration]
     source = "random"                # or a UTF-8 text file

@@ -321,7 +321,9 @@ def _analyze(
             # Hessian for GPTQ), then leave.
             insert_observers(graph_module, linears, collect_hessians)
             observed = probes_only(graph_module, ActivationObserver)
-            run_batches(functools.partial(captured.run, module=observed), batches, steps.enabled)
+            run_batches(
+                functools.partial(captured.run, module=observed), batches, steps.enabled, config.calibration_dtype
+            )
             stats = read_activation_stats(graph_module)
             remove_observers(graph_module)
         with steps.step("measure_activation_error"):
@@ -329,7 +331,9 @@ def _analyze(
             if config.error_samples:
                 insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
                 probed = probes_only(graph_module, ActivationErrorProbe)
-                run_batches(functools.partial(captured.run, module=probed), error_batches, False)
+                run_batches(
+                    functools.partial(captured.run, module=probed), error_batches, False, config.calibration_dtype
+                )
                 errors = read_activation_errors(graph_module)
                 remove_error_probes(graph_module)
     with steps.step("analyze_sensitivity"):
@@ -451,7 +455,7 @@ def _transform_by_block(
     reads are written to ``store`` (``meta`` tensors left in their place)."""
     in_memory = {target for target in attribute_targets(graph_module) if not _is_meta(graph_module, target)}
     reports: dict[str, dict[str, Any]] = {}
-    for block in blocks_in_turn(model, linears, batches, uses_gptq, progress):
+    for block in blocks_in_turn(model, linears, batches, uses_gptq, progress, config.calibration_dtype):
         prefix = f"{graph_attribute(block.path)}."
         for target in attribute_targets(graph_module):
             if target.startswith(prefix):

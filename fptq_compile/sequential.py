@@ -33,8 +33,9 @@ from fptq_compile.blocks import (
     first_block_inputs,
 )
 from fptq_compile.blocks import run_block as run_bound_block
+from fptq_compile.calibration import matmul_precision
 from fptq_compile.capture import LinearSite
-from fptq_compile.config import CompileConfig
+from fptq_compile.config import CalibrationDtype, CompileConfig
 from fptq_compile.errors import UnsupportedGraphError
 from fptq_compile.offload import block_in_memory
 from fptq_compile.passes.analyze_sensitivity import activation_candidates
@@ -116,11 +117,11 @@ def calibrate_by_block(
         bound = run.graph.bind(block_in_memory(layer))
         whole = run.sites(index)
         sites = run.block_sites(whole)
-        block_stats, hidden = _observe(bound, sites, calls, hidden, collect_hessians)
+        block_stats, hidden = _observe(bound, sites, calls, hidden, collect_hessians, config.calibration_dtype)
         stats.update(_keyed_by_whole_graph(block_stats, whole))
         if error_batches:
             insert_error_probes(bound, activation_candidates(bound, sites, block_stats, config))
-            error_hidden = _run(bound, error_calls, error_hidden)
+            error_hidden = _run(bound, error_calls, error_hidden, config.calibration_dtype)
             block_errors = read_activation_errors(bound)
             remove_error_probes(bound)
             for site in sites:
@@ -153,6 +154,7 @@ def blocks_in_turn(
     batches: Sequence[torch.Tensor],
     collect_hessians: bool,
     progress: bool = True,
+    dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
 ) -> Iterator[BlockInTurn]:
     """Each decoder block in turn, read into memory, with the statistics of its linears on
     the float activations that reach it; the next block is read once the caller is done."""
@@ -164,7 +166,7 @@ def blocks_in_turn(
         block = block_in_memory(layer)
         bound = run.graph.bind(block)
         whole = run.sites(index)
-        block_stats, hidden = _observe(bound, run.block_sites(whole), calls, hidden, collect_hessians)
+        block_stats, hidden = _observe(bound, run.block_sites(whole), calls, hidden, collect_hessians, dtype)
         in_turn = BlockInTurn(
             index,
             run.blocks.block_path(index),
@@ -194,11 +196,12 @@ def _observe(
     calls: Sequence[BlockCall],
     hidden: list[torch.Tensor],
     collect_hessians: bool,
+    dtype: CalibrationDtype,
 ) -> tuple[ActivationStats, list[torch.Tensor]]:
     """The block's statistics on ``hidden``, and its float outputs (the next block's inputs)."""
     insert_observers(bound, sites, collect_hessians)
     try:
-        outputs = _run(bound, calls, hidden)
+        outputs = _run(bound, calls, hidden, dtype)
         return read_activation_stats(bound), outputs
     finally:
         remove_observers(bound)
@@ -211,7 +214,10 @@ def _keyed_by_whole_graph(stats: ActivationStats, whole: dict[str, LinearSite]) 
     }
 
 
-def _run(bound: fx.GraphModule, calls: Sequence[BlockCall], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The block's float outputs for each batch (observers and probes pass their input through)."""
-    with torch.no_grad():
+def _run(
+    bound: fx.GraphModule, calls: Sequence[BlockCall], hidden: list[torch.Tensor], dtype: CalibrationDtype
+) -> list[torch.Tensor]:
+    """The block's float outputs for each batch (observers and probes pass their input through),
+    its matrix products in ``dtype``."""
+    with torch.no_grad(), matmul_precision(dtype, hidden[:1]):
         return [run_bound_block(bound, call, states) for call, states in zip(calls, hidden, strict=True)]

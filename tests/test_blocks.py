@@ -88,6 +88,27 @@ def test_calibrating_block_by_block_gives_the_whole_model_plan_and_weights(round
     assert torch.allclose(by_block(ids), whole(ids), atol=1e-4)
 
 
+def test_block_by_block_calibration_in_bfloat16_gives_the_whole_model_plan(token_ids):
+    model = tiny_llama(layers=3)
+    config = fptq.CompileConfig(
+        weights=fptq.WeightConfig(group_size=32, rounding=fptq.WeightRounding.NEAREST),
+        activations=fptq.ActivationConfig(min_sqnr_db=35.0),
+        calibration_dtype=fptq.CalibrationDtype.BFLOAT16,
+    )
+    whole = fptq.analyze(model, token_ids, config, progress=False)
+    by_block = fptq.analyze(model, token_ids, dataclasses.replace(config, calibrate_by_block=True), progress=False)
+    assert _decisions(by_block.plan) == _decisions(whole.plan)
+    for node, stats in whole.stats.per_linear.items():
+        # The two graphs' attention kernels round apart by a few bfloat16 steps (2^-8 each);
+        # in float32 they agree to 1e-5 (the test above).
+        assert torch.allclose(by_block.stats[node].channel_absmax, stats.channel_absmax, rtol=2**-5)
+    # The blocks ran in bfloat16: what each o_proj reads, attention's output, holds bfloat16 values.
+    for site in whole.captured.linears:
+        if site.module_path.endswith("o_proj"):
+            absmax = by_block.stats[site.node].channel_absmax
+            assert torch.equal(absmax.bfloat16().float(), absmax)
+
+
 def test_gpt2_conv1d_blocks_compile_block_by_block_as_the_whole_model(token_ids):
     """GPT-2's Conv1D matmuls become linears in each bound block, as capture() rewrites the
     whole graph's, each reading its own block's transposed weight."""

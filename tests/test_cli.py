@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_text, write_tiny_model
 
 from fptq_compile.cli import main
@@ -172,6 +173,19 @@ def test_by_block_calibration_plans_what_whole_model_calibration_plans(workspace
         assert code == 0
         plans.append([(g["input_node"], g["activation"]["kind"], g["fold"]) for g in result["plan"]["groups"]])
     assert plans[0] == plans[1]
+
+
+def test_calib_dtype_bfloat16_calibrates_attention_in_bfloat16(workspace):
+    def o_proj_absmax(*options: str) -> list[float]:
+        code, result = _run_json("inspect", str(workspace / "model"), *SMALL, *options)
+        assert code == 0
+        return [g["activation_absmax"] for g in result["groups"] if g["linears"][0].endswith("o_proj")]
+
+    def bfloat16_values(values: list[float]) -> bool:
+        return torch.equal(torch.tensor(values).bfloat16().float(), torch.tensor(values))
+
+    assert bfloat16_values(o_proj_absmax("--calib-dtype", "bfloat16"))  # attention's output, in bfloat16
+    assert not bfloat16_values(o_proj_absmax())
 
 
 @pytest.mark.parametrize(

@@ -58,10 +58,14 @@ def test_config_round_trips_through_plain_data_with_the_weight_and_cache_options
     config = fptq.CompileConfig(
         weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST, gptq=fptq.GPTQConfig(damp=0.05)),
         kv_cache_int8=True,
+        calibration_dtype=fptq.CalibrationDtype.BFLOAT16,
     )
     data = json.loads(json.dumps(config_to_dict(config)))
     assert data["weights"]["rounding"] == "nearest" and data["kv_cache_int8"] is True
+    assert data["calibration_dtype"] == "bfloat16"
     assert config_from_dict(data) == config
+    with pytest.raises(fptq.ConfigError, match=r"calibration_dtype must be one of float32, bfloat16; got 'fp16'"):
+        config_from_dict({"calibration_dtype": "fp16"})
     with pytest.raises(fptq.ConfigError, match=r"weights\.rounding must be one of gptq, nearest"):
         config_from_dict({"weights": {"rounding": "awq"}})
     with pytest.raises(fptq.ConfigError, match=r"weights.gptq.damp must be a number in \(0, 1\)"):
