@@ -335,3 +335,18 @@ def test_a_truncated_gguf_gives_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("fptq: error: could not load a causal LM") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_exits_with_mains_code_without_the_last_garbage_collection(monkeypatch):
+    import gc
+
+    from fptq_compile import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 3
+        assert gc.get_freeze_count() > 0  # what is left is frozen: the exit's collection skips it
+    finally:
+        gc.unfreeze()
