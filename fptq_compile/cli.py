@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fptq_compile.collector import fewer_collections
 from fptq_compile.config import ActivationPolicy, CalibrationDtype, WeightRounding
 from fptq_compile.errors import ConfigError, FptqError
 from fptq_compile.exporters.onnx_qdq import OnnxLayout
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers_logging.disable_progress_bar()
     try:
-        result: dict[str, Any] = args.run(args)
+        with fewer_collections():  # and for what runs between the library's calls
+            result: dict[str, Any] = args.run(args)
     except (Exception, KeyboardInterrupt) as error:
         if args.debug:
             raise

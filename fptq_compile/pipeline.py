@@ -31,6 +31,7 @@ from fptq_compile.capture import (
     model_limits,
     select_linears,
 )
+from fptq_compile.collector import fewer_collections
 from fptq_compile.config import CompileConfig, WeightRounding
 from fptq_compile.errors import ConfigError, ExportError, UnsupportedGraphError
 from fptq_compile.graph_utils import (
@@ -209,6 +210,7 @@ ModelInput = nn.Module | LoadedModel | torch.export.ExportedProgram
 with ``example_inputs``, an exported program or a graph module."""
 
 
+@fewer_collections()
 def analyze(
     model: ModelInput,
     calibration: CalibrationSource | Sequence[Any],
@@ -342,6 +344,7 @@ def _analyze(
     return Analysis(captured, plan, stats, calibration_tokens, steps.seconds), batches
 
 
+@fewer_collections()
 def compile(
     model: ModelInput,
     calibration: CalibrationSource | Sequence[Any],

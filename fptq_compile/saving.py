@@ -31,6 +31,7 @@ from torch._export.serde.serialize import SerializedArtifact, deserialize, seria
 
 import fptq_compile.ops as fptq_ops  # noqa: F401  (the program calls torch.ops.fptq.*)
 from fptq_compile.capture import GraphSignature, KVCacheLayout, auto_dynamic_shapes
+from fptq_compile.collector import fewer_collections
 from fptq_compile.config import config_from_dict, config_to_dict
 from fptq_compile.errors import ExportError, ModelLoadError
 from fptq_compile.pipeline import CompiledModel, CompileReport
@@ -130,6 +131,7 @@ def save_compile_records(compiled: CompiledModel, directory: str | os.PathLike[s
     (folder / COMPILE_REPORT_FILE).write_text(json.dumps(compiled.report.to_dict(), indent=1), encoding="utf-8")
 
 
+@fewer_collections()
 def load_compiled(directory: str | os.PathLike[str]) -> CompiledModel:
     """The compiled model saved in ``directory`` by :func:`save_compiled`."""
     folder = Path(directory)

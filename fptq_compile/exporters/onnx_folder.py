@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fptq_compile.collector import fewer_collections
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_ort_fusions import ATTENTION_MASK
 from fptq_compile.exporters.onnx_qdq import OnnxExport, OnnxLayout, export_onnx
@@ -36,6 +37,7 @@ from fptq_compile.saving import save_compile_records, save_compiled
 MODEL_FILE = "model.onnx"
 
 
+@fewer_collections()
 def export_folder(
     compiled: CompiledModel,
     tokenizer: Any,

@@ -41,6 +41,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from torch.utils import _pytree as pytree
 
 from fptq_compile.capture import GraphSignature, KVCacheLayout
+from fptq_compile.collector import fewer_collections
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_lowering import Lowered, Route, lower
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
@@ -96,6 +97,7 @@ def io_names(kv_layout: KVCacheLayout) -> tuple[list[str], list[str]]:
     ]
 
 
+@fewer_collections()
 def export_onnx(
     compiled: CompiledModel,
     path: str | os.PathLike[str],
