@@ -393,7 +393,7 @@ def compile(
             "GPTQ on data-free (random-token) calibration measured worse than round to nearest on SmolLM2 "
             "(41.07 vs 40.68 PPL): calibrate on text, or set weights.rounding to nearest",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     causal_lm = model.model if isinstance(model, LoadedModel) else model
     offloaded = isinstance(causal_lm, nn.Module) and is_offloaded(causal_lm)

@@ -159,8 +159,9 @@ def test_an_offloaded_compile_is_not_saved_but_its_folder_holds_the_onnx_model(c
     with pytest.raises(ExportError, match="offloaded"):
         save_compiled(offloaded, tmp_path / "saved")
     assert not list(tmp_path.iterdir())
-    with pytest.warns(UserWarning, match="compiled offloaded"):
+    with pytest.warns(UserWarning, match="compiled offloaded") as warned:
         export_folder(offloaded, None, tmp_path / "out", progress=False)
+    assert __file__ in [w.filename for w in warned if "compiled offloaded" in str(w.message)]  # the caller's line
     written = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"model.onnx", "model.onnx.data", "plan.json", "compile_report.json", "report.json"} <= written
     assert not written & {"fptq_manifest.json", "weights.safetensors", "program.json"}

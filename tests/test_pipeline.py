@@ -92,9 +92,10 @@ def test_a_failing_user_pass_is_named(llama, token_ids):
 
 
 def test_data_free_calibration(llama):
-    with pytest.warns(UserWarning, match="GPTQ on data-free"):
+    with pytest.warns(UserWarning, match="GPTQ on data-free") as warned:
         compiled = fptq.compile(llama, fptq.RandomTokens(), num_samples=2, seq_len=16, progress=False)
     assert compiled.report.calibration_tokens == 32
+    assert [w.filename for w in warned if "GPTQ" in str(w.message)] == [__file__]  # the caller's line
 
 
 def test_cached_steps_match_whole_sequence_logits(llama, token_ids):

@@ -61,7 +61,7 @@ def export_folder(
             "the model was compiled offloaded: the output folder holds its ONNX model, plan and report but not "
             "the saved compiled model (fptq export / eval --backend torch need it; saving offloaded compiles "
             "is not supported yet)",
-            stacklevel=2,
+            stacklevel=3,
         )
     steps = StepProgress("export", ("onnx", "tokenizer and configs", "compiled model", "report"), progress)
     with atomic_directory(destination, overwrite=overwrite) as staging:

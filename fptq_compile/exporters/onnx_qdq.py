@@ -143,7 +143,7 @@ def export_onnx(
         export, unfused_reason = _save_fused(compiled, model, export, destination, kv_layout.num_layers)
     if unfused_reason:
         warnings.warn(
-            f"ONNX Runtime fusions not applied: {unfused_reason}; the unfused graph is exported", stacklevel=2
+            f"ONNX Runtime fusions not applied: {unfused_reason}; the unfused graph is exported", stacklevel=3
         )
         export = dataclasses.replace(export, fusions=OrtFusions(0, 0, 0, unfused_reason))
     return dataclasses.replace(export, path=destination, file_bytes=_file_bytes(destination))
