@@ -67,6 +67,11 @@ def _run_json(*argv: str) -> tuple[int, dict]:
     return code, json.loads(stdout.getvalue()) if code == 0 else {}
 
 
+def _within_rounding(parts, whole: float) -> bool:
+    parts = list(parts)
+    return sum(parts) <= whole + 0.0005 * (len(parts) + 1)
+
+
 def test_compile_writes_the_whole_folder(compiled_folder):
     out, result = compiled_folder
     for name in ("model.onnx", "report.html", "report.png", "report.json", "fptq_config.json", "plan.json"):
@@ -76,9 +81,10 @@ def test_compile_writes_the_whole_folder(compiled_folder):
     seconds = result["seconds"]
     assert set(seconds) == {"load", "compile", "export", "total"}
     assert set(result["export_seconds_per_step"]) == {"onnx", "tokenizer and configs", "compiled model", "report"}
-    assert sum(result["seconds_per_step"].values()) <= seconds["compile"]
-    assert sum(result["export_seconds_per_step"].values()) <= seconds["export"]
-    assert seconds["load"] + seconds["compile"] + seconds["export"] <= seconds["total"]
+    # Each figure is rounded to the millisecond: parts may exceed their whole by half of one each.
+    assert _within_rounding(result["seconds_per_step"].values(), seconds["compile"])
+    assert _within_rounding(result["export_seconds_per_step"].values(), seconds["export"])
+    assert _within_rounding([seconds["load"], seconds["compile"], seconds["export"]], seconds["total"])
     assert result["text"].startswith("the city") and len(result["text"].split()) > 2
     assert result["perplexity"] > 1
     report = json.loads((out / "report.json").read_text())
