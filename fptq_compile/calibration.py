@@ -151,14 +151,10 @@ def _read_hf_dataset(source: HFDataset) -> str:
 
 
 def run_calibration(
-    forward: Callable[[torch.Tensor], object],
-    token_ids: torch.Tensor,
-    batch_size: int,
-    progress: bool = True,
-    dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
+    forward: Callable[[torch.Tensor], object], token_ids: torch.Tensor, batch_size: int, progress: bool = True
 ) -> None:
     """Run ``token_ids`` through ``forward`` in batches (observers record what they see)."""
-    run_batches(forward, token_ids.split(batch_size), progress, dtype)
+    run_batches(forward, token_ids.split(batch_size), progress)
 
 
 def run_batches(
