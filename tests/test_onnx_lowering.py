@@ -157,10 +157,13 @@ class _OneDtype(nn.Module):
     # ``half * 3`` and ``x > -1`` cast their int scalar, ``half + float`` one operand.
     [(_Casts(), True), (_Masks(), True), (_MixedDtypes(), True), (_OneDtype(), False)],
 )
-def test_the_type_promotion_check_agrees_with_the_pass_it_skips(module, casts, compiled_llama):
+def test_the_type_promotion_check_agrees_with_the_pass_it_skips(module, casts):
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     program = torch.export.export(module, (x,))
     assert type_promotion_casts(program) == (casts, casts)
+
+
+def test_a_compiled_llama_needs_no_type_promotion(compiled_llama):
     assert type_promotion_casts(compiled_llama.exported_program()) == (False, False)
 
 
