@@ -61,7 +61,7 @@ class KVCacheLayout:
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class _CausalLMWithCache(nn.Module):
+class CausalLMWithCache(nn.Module):
     """``(input_ids, past) -> (logits, present)`` around a Hugging Face causal LM.
 
     The cache is a plain list of ``(key, value)`` tensors per layer, so the graph's inputs
@@ -152,6 +152,9 @@ class CapturedModel:
     unsupported: tuple[SkippedLayer, ...] = ()
     """Matmuls reading a parameter in a form no pass quantizes, each with its reason (kept float)."""
     signature: GraphSignature | None = None
+    route: str = ""
+    """How a causal LM's graph was captured: two blocks traced and the others repeated, or
+    the whole model traced and why ("" for any other graph)."""
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.kv_layout is None:
@@ -205,11 +208,28 @@ def capture(model: nn.Module) -> CapturedModel:
         # An empty model (the structure of an offloaded one) is traced on meta inputs; the
         # graph then runs on CPU tensors.
         meta_inputs = pytree.tree_map(lambda tensor: tensor.to("meta"), example_inputs)
-        graph_module = _export(_CausalLMWithCache(model), GraphSignature(meta_inputs, {}, dynamic_shapes), model)
+        meta_signature = GraphSignature(meta_inputs, {}, dynamic_shapes)
+        graph_module = export_unlifted(CausalLMWithCache(model), meta_signature, model)
         retarget_devices(graph_module, "meta", "cpu")
+        route = "whole model traced (its weights are not in memory)"
     else:
-        graph_module = _export(_CausalLMWithCache(model), signature, model)
-    return _captured(graph_module, kv_layout, max_sequence_length, vocab_size, signature)
+        graph_module, route = _capture_in_memory(model, kv_layout, int(vocab_size or 2), signature)
+    return _captured(graph_module, kv_layout, max_sequence_length, vocab_size, signature, route)
+
+
+def _capture_in_memory(
+    model: nn.Module, kv_layout: KVCacheLayout, vocab_size: int, signature: GraphSignature
+) -> tuple[fx.GraphModule, str]:
+    """The graph of a causal LM whose weights are in memory, and how it was captured: two
+    blocks traced and the others repeated where the blocks allow it (:mod:`~fptq_compile.repeat_blocks`),
+    else the whole model traced."""
+    from fptq_compile.repeat_blocks import TRACED_BLOCKS, NotRepeatable, capture_repeated  # it imports this module
+
+    try:
+        graph_module = capture_repeated(model, kv_layout, vocab_size)
+    except NotRepeatable as reason:
+        return export_unlifted(CausalLMWithCache(model), signature, model), f"whole model traced ({reason})"
+    return graph_module, f"{TRACED_BLOCKS} of {kv_layout.num_layers} blocks traced, the others repeated"
 
 
 def graph_attribute(module_path: str) -> str:
@@ -239,7 +259,7 @@ def capture_graph(
         graph_module = fx.GraphModule(model, copy.deepcopy(model.graph))
     elif isinstance(model, nn.Module):
         model.eval()
-        graph_module = _export(model, signature, model)
+        graph_module = export_unlifted(model, signature, model)
     else:
         raise UnsupportedGraphError(
             f"cannot capture a {type(model).__name__}: pass an nn.Module, a torch.export.ExportedProgram "
@@ -260,7 +280,7 @@ def auto_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return pytree.tree_map(auto, kwargs if kwargs else args)
 
 
-def _export(module: nn.Module, signature: GraphSignature, model: nn.Module) -> fx.GraphModule:
+def export_unlifted(module: nn.Module, signature: GraphSignature, model: nn.Module) -> fx.GraphModule:
     """``torch.export`` (non-strict) of ``module``, unlifted; errors name ``model``."""
     try:
         with torch.no_grad():
@@ -280,6 +300,7 @@ def _captured(
     max_sequence_length: int | None,
     vocab_size: int | None,
     signature: GraphSignature,
+    route: str = "",
 ) -> CapturedModel:
     # Imported here: the passes package imports this module.
     from fptq_compile.passes.canonicalize_linears import canonicalize_linears, unsupported_matmuls
@@ -293,7 +314,9 @@ def _captured(
         SkippedLayer(node.name, module_path_of(node), reason) for node, reason in unsupported_matmuls(graph_module)
     )
     linears = find_linear_sites(graph_module)
-    return CapturedModel(graph_module, linears, kv_layout, max_sequence_length, vocab_size, unsupported, signature)
+    return CapturedModel(
+        graph_module, linears, kv_layout, max_sequence_length, vocab_size, unsupported, signature, route
+    )
 
 
 def model_limits(model: nn.Module) -> tuple[int | None, int | None]:

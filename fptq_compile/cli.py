@@ -346,6 +346,7 @@ def _compile(args: argparse.Namespace) -> dict[str, Any]:
         "layout": job.export.layout.value,
         "linears_per_activation_class": counts,
         "seconds_per_step": compiled.report.seconds_per_step,
+        "capture_route": compiled.report.capture_route,
         "export_seconds_per_step": dict(exported.seconds_per_step),
         "seconds": seconds,
         "perplexity": perplexity,

@@ -81,6 +81,8 @@ class CompileReport:
     calibration_tokens: int | None
     peak_rss_bytes: int
     linear_weight_bytes: dict[str, int] = field(default_factory=dict)
+    capture_route: str = ""
+    """How the graph was captured (:attr:`~fptq_compile.capture.CapturedModel.route`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -436,6 +438,7 @@ def compile(
         calibration_tokens=analysis.calibration_tokens,
         peak_rss_bytes=peak_rss_bytes(),
         linear_weight_bytes={"float32": bytes_before, "compiled": _compiled_weight_bytes(graph_module)},
+        capture_route=analysis.captured.route,
     )
     captured = analysis.captured
     return CompiledModel(graph_module, plan, report, captured.kv_layout, config, captured.signature, store)

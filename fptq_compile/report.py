@@ -77,6 +77,7 @@ def build_report(
             weight_bytes["compiled"] / weight_bytes["float32"] if weight_bytes.get("float32") else None
         ),
         "seconds_per_step": compile_report.seconds_per_step,
+        "capture_route": compile_report.capture_route,
         "calibration_tokens": compile_report.calibration_tokens,
         "peak_rss_bytes": compile_report.peak_rss_bytes,
         "perplexity": perplexity,
