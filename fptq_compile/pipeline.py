@@ -41,6 +41,7 @@ from fptq_compile.graph_utils import (
     probes_only,
     replace_tensor,
 )
+from fptq_compile.lift import NotLiftable, lift_graph
 from fptq_compile.models import LoadedModel
 from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
@@ -134,10 +135,18 @@ class CompiledModel:
         return self.signature
 
     def exported_program(self) -> torch.export.ExportedProgram:
-        """The graph re-exported as a ``torch.export`` program (for saving and for ONNX; one
-        program serves both). It shares the graph module's tensors: nothing is copied."""
+        """The graph as a ``torch.export`` program (for saving and for ONNX; one program
+        serves both), lifted without a trace (:func:`~fptq_compile.lift.lift_graph`), or
+        re-exported where it cannot be. It shares the graph module's tensors: nothing is copied."""
         self._check_in_memory()
-        return export_graph(self.graph_module, self.example_signature())
+        signature = self.example_signature()
+        try:
+            return lift_graph(self.graph_module, signature)
+        except NotLiftable as reason:
+            warnings.warn(
+                f"re-exporting the compiled graph (slower): it cannot be lifted as it is ({reason})", stacklevel=2
+            )
+        return export_graph(self.graph_module, signature)
 
     def step(self, input_ids: torch.Tensor, past_key_values: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One cached step (a causal LM): logits of the new tokens and the cache extended by them."""
