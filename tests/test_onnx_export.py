@@ -365,6 +365,7 @@ def test_a_fusion_that_changes_the_logits_is_refused_and_the_unfused_graph_expor
     assert __file__ in [w.filename for w in warned if "fusions not applied" in str(w.message)]  # the caller's line
     assert export.fusions is not None and export.fusions.attention == 0
     assert "GroupQueryAttention" not in op_counts(onnx.load(export.path))
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]  # the unfused scratch copy is gone
     session = OrtCausalLM.load(export.path, exact=True)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(9))
     reference = compiled(ids)

@@ -27,7 +27,6 @@ import dataclasses
 import enum
 import functools
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -154,20 +153,25 @@ def _save_fused(
 ) -> tuple[OnnxExport, str]:
     """Fuse ``model`` for ONNX Runtime and save it if it still computes what ``compiled`` does;
     otherwise save the unfused model. Returns the export record and why fusion was refused ("")."""
-    # The unfused model is saved first: the fallback, and the measure of ORT's own difference.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.unfused.", dir=destination.parent))
-    try:
-        unfused = scratch / destination.name
-        _save_checked(model, unfused)
-        fusions = fuse_for_onnx_runtime(model, num_layers)
-        reason = _save_checked(model, destination, verify=lambda fused: _fusion_mismatch(compiled, fused, unfused))
-        if reason:
-            for produced in scratch.iterdir():
-                os.replace(produced, destination.parent / produced.name)
-            return export, reason
-        return dataclasses.replace(export, fusions=fusions), ""
-    finally:
-        shutil.rmtree(scratch)
+    # The unfused graph (its tensors shared): the fallback, and the measure of ORT's own
+    # difference, written out only if the fused logits need that measure.
+    unfused = model.clone()
+    fusions = fuse_for_onnx_runtime(model, num_layers)
+    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
+
+        def saved_unfused() -> Path:
+            path = Path(scratch) / destination.name
+            if not path.exists():
+                _save_checked(unfused, path)
+            return path
+
+        reason = _save_checked(
+            model, destination, verify=lambda fused: _fusion_mismatch(compiled, fused, saved_unfused)
+        )
+    if reason:
+        _save_checked(unfused, destination)
+        return export, reason
+    return dataclasses.replace(export, fusions=fusions), ""
 
 
 def _lower(
@@ -272,16 +276,16 @@ FUSION_TOLERANCE = 1e-2
 FUSION_NOISE_FACTOR = 2.0
 
 
-def _fusion_mismatch(compiled: CompiledModel, fused: Path, unfused: Path) -> str:
+def _fusion_mismatch(compiled: CompiledModel, fused: Path, unfused: Callable[[], Path]) -> str:
     """Why the fused model does not compute what ``compiled`` does ("" if it does), on a
     2 x 5-token prefill and one decoding step, measured against the unfused model's own
-    difference."""
+    difference (``unfused`` saves it, when the fused logits are not within the tolerance)."""
     errors = _logit_errors(compiled, fused)
     if isinstance(errors, str):
         return f"ONNX Runtime fails on the fused graph ({errors})"
     if all(error <= FUSION_TOLERANCE for error in errors.values()):
         return ""
-    floor = _logit_errors(compiled, unfused)
+    floor = _logit_errors(compiled, unfused())
     if isinstance(floor, str):
         raise ExportError(f"ONNX Runtime fails on the unfused graph: {floor}")
     for name, error in errors.items():
