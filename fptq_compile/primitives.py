@@ -134,38 +134,67 @@ def quantize_int4_groups(
             None if zero_points[0] is None else torch.cat(zero_points),  # type: ignore[arg-type]
             group_size,
         )
-    best = _quantize_int4_clipped(weight, group_size, symmetric, 1.0)
     if not clip_ratios:
-        return best
-    best_error = _group_squared_error(weight, best, importance)
+        return _quantize_int4_with(weight, group_size, *_int4_range(_group_view(weight, group_size), symmetric, 1.0))
+    # The search runs on the grouped view, each group's scale broadcast over it: per ratio,
+    # one error per group, and the codes computed once, for the best range of each group.
+    grouped = _group_view(weight, group_size)
+    weights = None if importance is None else _group_view(importance.to(torch.float32)[None], group_size)
+    best_scale, best_zero_point = _int4_range(grouped, symmetric, 1.0)
+    best_error = _grouped_squared_error(grouped, best_scale, best_zero_point, weights)
     for ratio in clip_ratios:
-        candidate = _quantize_int4_clipped(weight, group_size, symmetric, ratio)
-        error = _group_squared_error(weight, candidate, importance)
+        scale, zero_point = _int4_range(grouped, symmetric, ratio)
+        error = _grouped_squared_error(grouped, scale, zero_point, weights)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
-        codes = torch.where(expand_groups(better, group_size, weight.shape[1]), candidate.codes, best.codes)
-        zero_point = None
-        if best.zero_point is not None and candidate.zero_point is not None:
-            zero_point = torch.where(better, candidate.zero_point, best.zero_point)
-        best = WeightGroups(codes, torch.where(better, candidate.scale, best.scale), zero_point, group_size)
-    return best
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero_point is not None and zero_point is not None:
+            best_zero_point = torch.where(better, zero_point, best_zero_point)
+    return _quantize_int4_with(weight, group_size, best_scale, best_zero_point)
 
 
-def _quantize_int4_clipped(weight: torch.Tensor, group_size: int, symmetric: bool, ratio: float) -> WeightGroups:
-    grouped = _group_view(weight, group_size)
-    in_features = weight.shape[1]
+def _int4_range(grouped: torch.Tensor, symmetric: bool, ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per group ``[N, n_groups]`` of ``grouped [N, n_groups, g]``: the int4 scale (and zero
+    point, asymmetric) of its range shrunk to ``ratio``."""
     if symmetric:
         absmax = grouped.abs().amax(dim=-1) * ratio
-        scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR
-        codes = quantize_symmetric(weight, expand_groups(scale, group_size, in_features), INT4_MIN, INT4_MAX)
-        return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
+        return torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR, None
     group_min = torch.clamp(grouped.amin(dim=-1), max=0.0) * ratio
     group_max = torch.clamp(grouped.amax(dim=-1), min=0.0) * ratio
     scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
     zero_point = torch.clamp(torch.round(INT4_MIN - group_min / scale), INT4_MIN, INT4_MAX).to(torch.int8)
-    full_scale = expand_groups(scale, group_size, in_features)
-    full_zero_point = expand_groups(zero_point, group_size, in_features).to(torch.float32)
-    codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
+    return scale, zero_point
+
+
+def _grouped_squared_error(
+    grouped: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Per group: the squared error of ``grouped`` quantized to int4 with ``scale`` (and
+    ``zero_point``) and dequantized, each column's weighted by ``weights`` when given (the
+    values :func:`_quantize_int4_with` and :func:`dequantize_groups` give, op for op)."""
+    group_scale = scale[..., None]
+    if zero_point is None:
+        restored = torch.div(grouped, group_scale).round_().clamp_(INT4_MIN, INT4_MAX).mul_(group_scale)
+    else:
+        group_zero_point = zero_point[..., None].to(torch.float32)
+        codes = torch.div(grouped, group_scale).round_().add_(group_zero_point).clamp_(INT4_MIN, INT4_MAX)
+        restored = codes.sub_(group_zero_point).mul_(group_scale)
+    squared = restored.sub_(grouped).square_()
+    if weights is not None:
+        squared = squared.mul_(weights)
+    return squared.sum(dim=-1)
+
+
+def _quantize_int4_with(
+    weight: torch.Tensor, group_size: int, scale: torch.Tensor, zero_point: torch.Tensor | None
+) -> WeightGroups:
+    """``weight`` as int4 codes with the given per-group ``scale`` (and ``zero_point``)."""
+    full_scale = expand_groups(scale, group_size, weight.shape[1])
+    if zero_point is None:
+        codes = quantize_symmetric(weight, full_scale, INT4_MIN, INT4_MAX)
+    else:
+        full_zero_point = expand_groups(zero_point, group_size, weight.shape[1]).to(torch.float32)
+        codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, INT4_MIN, INT4_MAX).to(torch.int8)
     return WeightGroups(codes=codes, scale=scale, zero_point=zero_point, group_size=group_size)
 
 
@@ -177,18 +206,6 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
     scale = int8_scale_from_absmax(_group_view(weight, group_size).abs().amax(dim=-1))
     codes = quantize_symmetric(weight, expand_groups(scale, group_size, weight.shape[1]), INT8_MIN, INT8_MAX)
     return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
-
-
-def _group_squared_error(
-    weight: torch.Tensor, groups: WeightGroups, importance: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per group ``[N, n_groups]``: the squared error of the dequantized weight, each input
-    column's weighted by ``importance`` when given."""
-    restored = dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
-    squared = (restored - weight).square()
-    if importance is not None:
-        squared = squared * importance.to(torch.float32)
-    return _group_view(squared, groups.group_size).sum(dim=-1)
 
 
 def dequantize_groups(

@@ -92,8 +92,60 @@ def test_clip_search_never_loses_to_the_full_range_and_wins_on_gaussian_weights(
     assert float(group_errors(searched).sum()) < float(full.sum())
 
 
+def _group_squared_error(weight, groups, importance=None):
+    """Per group: the squared error of the dequantized weight (each column's weighted by ``importance``)."""
+    restored = primitives.dequantize_groups(groups.codes, groups.scale, groups.zero_point, groups.group_size)
+    squared = (restored - weight).square()
+    if importance is not None:
+        squared = squared * importance
+    return primitives._group_view(squared, groups.group_size).sum(dim=-1)
+
+
+def _clipped(weight, group_size, symmetric, ratio):
+    """Each group's range shrunk to ``ratio``, the whole weight quantized with it (the spec)."""
+    grouped = primitives._group_view(weight, group_size)
+    if symmetric:
+        scale = torch.clamp(grouped.abs().amax(-1) * ratio, min=primitives.SCALE_FLOOR) / 7.5
+        full_scale = primitives.expand_groups(scale, group_size, weight.shape[1])
+        return primitives.WeightGroups(
+            primitives.quantize_symmetric(weight, full_scale, -8, 7), scale, None, group_size
+        )
+    low = torch.clamp(grouped.amin(-1), max=0.0) * ratio
+    high = torch.clamp(grouped.amax(-1), min=0.0) * ratio
+    scale = torch.clamp(high - low, min=primitives.SCALE_FLOOR) / 15
+    zero_point = torch.clamp(torch.round(-8 - low / scale), -8, 7).to(torch.int8)
+    full_scale = primitives.expand_groups(scale, group_size, weight.shape[1])
+    full_zero_point = primitives.expand_groups(zero_point, group_size, weight.shape[1]).float()
+    codes = torch.clamp(torch.round(weight / full_scale) + full_zero_point, -8, 7).to(torch.int8)
+    return primitives.WeightGroups(codes, scale, zero_point, group_size)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clip_search_keeps_for_each_group_the_range_a_full_quantization_finds_best(symmetric, weighted):
+    """The search scores ranges on the grouped view; quantizing the whole weight with each
+    ratio and keeping each group's smallest error (first on ties) gives the same bits."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(48, 200, generator=generator) * torch.rand(200, generator=generator)  # a partial group
+    importance = torch.rand(200, generator=generator) if weighted else None
+    ratios = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    searched = primitives.quantize_int4_groups(weight, 64, symmetric, ratios, importance)
+    best = primitives.quantize_int4_groups(weight, 64, symmetric)
+    best_error = _group_squared_error(weight, best, importance)
+    for ratio in ratios:
+        candidate = _clipped(weight, 64, symmetric, ratio)
+        error = _group_squared_error(weight, candidate, importance)
+        taken = error < best_error
+        best_error = torch.where(taken, error, best_error)
+        codes = torch.where(primitives.expand_groups(taken, 64, 200), candidate.codes, best.codes)
+        zero_point = None if symmetric else torch.where(taken, candidate.zero_point, best.zero_point)
+        best = primitives.WeightGroups(codes, torch.where(taken, candidate.scale, best.scale), zero_point, 64)
+    assert torch.equal(searched.codes, best.codes) and torch.equal(searched.scale, best.scale)
+    assert symmetric or torch.equal(searched.zero_point, best.zero_point)
+
+
 def test_clip_search_with_importance_minimizes_the_weighted_error():
-    from fptq_compile.primitives import _group_squared_error, quantize_int4_groups
+    from fptq_compile.primitives import quantize_int4_groups
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(64, 128, generator=generator)
