@@ -39,14 +39,24 @@ def int8_scale_from_absmax(absmax: torch.Tensor | float) -> torch.Tensor:
     return torch.clamp(absmax_tensor, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
 
 
+def per_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """The dynamic symmetric int8 scale of each row of the last dimension, shaped ``x[..., :1]``."""
+    return torch.clamp(x.abs().amax(dim=-1, keepdim=True), min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric int8 quantization with one scale per row of the last dimension.
 
     Returns ``(codes int8 shaped like x, scale float shaped x[..., :1])``.
     """
-    absmax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(absmax, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+    scale = per_token_scale(x)
     return quantize_symmetric(x, scale, INT8_MIN, INT8_MAX), scale
+
+
+def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``dequantize(quantize_symmetric(x, scale, int8), scale)`` computed in float32 (the same
+    values: the codes are exact in float), on one temporary."""
+    return torch.div(x, scale).round_().clamp_(INT8_MIN, INT8_MAX).mul_(scale)
 
 
 def dequantize(

@@ -173,3 +173,14 @@ def test_rows_quantized_a_chunk_at_a_time_give_the_same_groups(monkeypatch, symm
     assert (chunked.zero_point is None) == symmetric
     if not symmetric:
         assert torch.equal(chunked.zero_point, whole.zero_point)
+
+
+def test_fake_int8_quantization_gives_the_dequantized_codes():
+    x = torch.randn(3, 40, 96, generator=torch.Generator().manual_seed(6)) * 4
+    per_token = primitives.per_token_scale(x)
+    assert torch.equal(
+        primitives.fake_quantize_int8(x, per_token), primitives.dequantize(*primitives.quantize_per_token(x))
+    )
+    for scale in (0.01, 0.05, 1.0):  # clipped and not
+        codes = primitives.quantize_symmetric(x, scale, primitives.INT8_MIN, primitives.INT8_MAX)
+        assert torch.equal(primitives.fake_quantize_int8(x, scale), primitives.dequantize(codes, scale))
