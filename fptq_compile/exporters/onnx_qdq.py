@@ -39,7 +39,7 @@ import torch
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from torch.utils import _pytree as pytree
 
-from fptq_compile.capture import GraphSignature, KVCacheLayout
+from fptq_compile.capture import GraphSignature, KVCache, KVCacheLayout
 from fptq_compile.collector import fewer_collections
 from fptq_compile.errors import ExportError
 from fptq_compile.exporters.onnx_lowering import Lowered, Route, lower
@@ -159,10 +159,10 @@ def _save_fused(
     fusions = fuse_for_onnx_runtime(model, num_layers)
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
 
-        def saved_unfused() -> Path:
+        def saved_unfused() -> Path:  # run, not delivered: the checker runs if it becomes the fallback
             path = Path(scratch) / destination.name
             if not path.exists():
-                _save_checked(unfused, path)
+                _save(unfused, path)
             return path
 
         reason = _save_checked(
@@ -280,12 +280,18 @@ def _fusion_mismatch(compiled: CompiledModel, fused: Path, unfused: Callable[[],
     """Why the fused model does not compute what ``compiled`` does ("" if it does), on a
     2 x 5-token prefill and one decoding step, measured against the unfused model's own
     difference (``unfused`` saves it, when the fused logits are not within the tolerance)."""
-    errors = _logit_errors(compiled, fused)
+    assert compiled.kv_layout is not None  # only causal LMs are fused
+    ids = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(0))
+    empty = compiled.kv_layout.empty(2)
+    prefill, past = compiled.step(ids[:, :-1], empty)
+    decode, _ = compiled.step(ids[:, -1:], past)
+    expected = {"prefill": prefill, "decoding": decode}
+    errors = _logit_errors(fused, ids, empty, expected)
     if isinstance(errors, str):
         return f"ONNX Runtime fails on the fused graph ({errors})"
     if all(error <= FUSION_TOLERANCE for error in errors.values()):
         return ""
-    floor = _logit_errors(compiled, unfused())
+    floor = _logit_errors(unfused(), ids, empty, expected)
     if isinstance(floor, str):
         raise ExportError(f"ONNX Runtime fails on the unfused graph: {floor}")
     for name, error in errors.items():
@@ -297,25 +303,22 @@ def _fusion_mismatch(compiled: CompiledModel, fused: Path, unfused: Callable[[],
     return ""
 
 
-def _logit_errors(compiled: CompiledModel, path: Path) -> dict[str, float] | str:
-    """Relative max logit difference between the ONNX model at ``path`` and ``compiled``, on a
-    2 x 5-token prefill and one decoding step; or why ONNX Runtime fails to run it."""
+def _logit_errors(
+    path: Path, ids: torch.Tensor, empty: KVCache, expected: Mapping[str, torch.Tensor]
+) -> dict[str, float] | str:
+    """Relative max logit difference between the ONNX model at ``path`` and the ``expected``
+    logits of a prefill of ``ids[:, :-1]`` and a decoding step of the last ids; or why ONNX
+    Runtime fails to run it."""
     from fptq_compile.runtime import OrtCausalLM
 
-    assert compiled.kv_layout is not None  # only causal LMs are fused
-    ids = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(0))
     try:
         session = OrtCausalLM.load(path, exact=True)
-        prefill, past = session.step(ids[:, :-1], compiled.kv_layout.empty(2))
+        prefill, past = session.step(ids[:, :-1], empty)
         decode, _ = session.step(ids[:, -1:], past)
     except Exception as error:  # ONNX Runtime refuses the graph: say how
         return f"{type(error).__name__}: {str(error)[:200]}"
-    expected_prefill, expected_past = compiled.step(ids[:, :-1], compiled.kv_layout.empty(2))
-    expected_decode, _ = compiled.step(ids[:, -1:], expected_past)
-    return {
-        name: float((actual - expected).abs().max() / expected.abs().max())
-        for name, actual, expected in (("prefill", prefill, expected_prefill), ("decoding", decode, expected_decode))
-    }
+    actual = {"prefill": prefill, "decoding": decode}
+    return {name: float((actual[name] - logits).abs().max() / logits.abs().max()) for name, logits in expected.items()}
 
 
 def _save_checked(
@@ -327,10 +330,7 @@ def _save_checked(
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         staged = staging / destination.name
-        size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
-        data_file = f"{destination.name}.data" if external or size >= EXTERNAL_DATA_THRESHOLD else None
-        # Tensors are computed (read, transposed, packed) as they are written, a few at a time.
-        ir.save(model, staged, external_data=data_file, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
+        _save(model, staged, external)
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except onnx.checker.ValidationError as error:
@@ -344,6 +344,15 @@ def _save_checked(
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
+
+
+def _save(model: ir.Model, path: Path, external: bool = False) -> None:
+    """Write ``model`` at ``path``, its tensors in ``<name>.data`` beside it if ``external``
+    or over 2 GB; the tensors are computed (read, transposed, packed) as they are written,
+    a few at a time."""
+    size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+    data_file = f"{path.name}.data" if external or size >= EXTERNAL_DATA_THRESHOLD else None
+    ir.save(model, path, external_data=data_file, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
 
 
 def _file_bytes(path: Path) -> int:
