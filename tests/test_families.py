@@ -202,3 +202,25 @@ def test_every_parameter_matmul_is_quantized_or_skipped_and_onnx_matches(family,
     assert export.fusions is not None
     assert export.fusions.attention == (2 if family in ORT_ATTENTION_FUSED else 0)
     assert bool(export.fusions.unfused_reason) == (family in ORT_UNFUSED)
+
+
+def test_the_lean_pre_optimization_fuses_the_graph_onnxscript_does(family, token_ids, monkeypatch):
+    """The ort fusion prepares the graph with one optimizer pass and no shape inference
+    (``onnx_ort_fusions._lean_pre_optimization``); onnxscript's own preparation gives the
+    same fused graph, byte for byte."""
+    import contextlib
+
+    import onnx_ir as ir
+
+    from fptq_compile.exporters import onnx_ort_fusions
+    from fptq_compile.exporters.onnx_qdq import _lower
+
+    weights = fptq.WeightConfig(group_size=32, rounding=fptq.WeightRounding.NEAREST)
+    compiled = fptq.compile(tiny_model(family), token_ids, fptq.CompileConfig(weights=weights), progress=False)
+    lean, reference = (_lower(compiled, OnnxLayout.ORT, optimize=False)[0] for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attention that does not fuse is reported by the export
+        onnx_ort_fusions.fuse_for_onnx_runtime(lean, num_layers=2)
+        monkeypatch.setattr(onnx_ort_fusions, "_lean_pre_optimization", contextlib.nullcontext)
+        onnx_ort_fusions.fuse_for_onnx_runtime(reference, num_layers=2)
+    assert ir.to_proto(lean).graph.SerializeToString() == ir.to_proto(reference).graph.SerializeToString()
