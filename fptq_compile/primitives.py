@@ -221,10 +221,15 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
 def dequantize_groups(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """The float weight ``[N, K]`` that int4 or int8 ``codes`` and per-group ``scale`` stand for."""
-    in_features = codes.shape[1]
-    full_zero_point = None if zero_point is None else expand_groups(zero_point, group_size, in_features)
-    return dequantize(codes, expand_groups(scale, group_size, in_features), full_zero_point)
+    """The float weight ``[N, K]`` that int4 or int8 ``codes`` and per-group ``scale`` stand for
+    (``dequantize`` with the scales and zero points repeated over their groups: computed on
+    the grouped view, each group's broadcast, with the same values)."""
+    out_features, in_features = codes.shape
+    values = _group_view(codes, group_size).to(torch.float32)
+    if zero_point is not None:
+        values = values - zero_point.to(torch.float32)[..., None]
+    restored = (values * scale[..., None]).reshape(out_features, -1)
+    return restored if restored.shape[1] == in_features else restored[:, :in_features].contiguous()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

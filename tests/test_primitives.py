@@ -184,3 +184,16 @@ def test_fake_int8_quantization_gives_the_dequantized_codes():
     for scale in (0.01, 0.05, 1.0):  # clipped and not
         codes = primitives.quantize_symmetric(x, scale, primitives.INT8_MIN, primitives.INT8_MAX)
         assert torch.equal(primitives.fake_quantize_int8(x, scale), primitives.dequantize(codes, scale))
+
+
+@pytest.mark.parametrize(("shape", "group_size", "asymmetric"), [((12, 96), 32, False), ((10, 70), 32, True)])
+def test_dequantized_groups_are_the_codes_times_their_repeated_scales(shape, group_size, asymmetric):
+    generator = torch.Generator().manual_seed(7)
+    codes = torch.randint(-8, 8, shape, generator=generator, dtype=torch.int8)
+    groups = -(-shape[1] // group_size)
+    scale = torch.rand(shape[0], groups, generator=generator)
+    zero_point = torch.randint(-8, 8, (shape[0], groups), generator=generator, dtype=torch.int8) if asymmetric else None
+    repeated = None if zero_point is None else primitives.expand_groups(zero_point, group_size, shape[1])
+    expected = primitives.dequantize(codes, primitives.expand_groups(scale, group_size, shape[1]), repeated)
+    restored = primitives.dequantize_groups(codes, scale, zero_point, group_size)
+    assert torch.equal(restored, expected) and restored.is_contiguous()
