@@ -81,6 +81,8 @@ def test_compile_writes_the_whole_folder(compiled_folder):
     seconds = result["seconds"]
     assert set(seconds) == {"load", "compile", "export", "total"}
     assert set(result["export_seconds_per_step"]) == {"onnx", "tokenizer and configs", "compiled model", "report"}
+    # The tiny model has two blocks: nothing to repeat, and the output says so.
+    assert result["capture_route"] == "whole model traced (2 blocks for 2 cache layers: nothing to repeat)"
     # Each figure is rounded to the millisecond: parts may exceed their whole by half of one each.
     assert _within_rounding(result["seconds_per_step"].values(), seconds["compile"])
     assert _within_rounding(result["export_seconds_per_step"].values(), seconds["export"])
@@ -89,6 +91,7 @@ def test_compile_writes_the_whole_folder(compiled_folder):
     assert result["perplexity"] > 1
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["perplexity"] == pytest.approx(result["perplexity"])
+    assert report["summary"]["capture_route"] == result["capture_route"]
     resolved = json.loads((out / "fptq_config.json").read_text())
     assert resolved["calibration"] == {"source": str(out.parent / "calib.txt"), "samples": 4, "seq_len": 32}
     assert resolved["weights"]["group_size"] == 32
