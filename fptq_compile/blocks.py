@@ -159,7 +159,7 @@ class BlockGraph:
         bound = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
         for node in bound.graph.nodes:
             if node.op == "get_attr":
-                tensor = _own_tensor(owner, str(node.target))
+                tensor = own_tensor(owner, str(node.target))
                 if tensor is not None:
                     replace_tensor(bound, str(node.target), tensor)
         canonicalize_linears(bound)
@@ -170,7 +170,8 @@ class BlockGraph:
         return f"{blocks.block_path(index)}.{site.module_path.removeprefix(_BLOCK + '.')}"
 
 
-def _own_tensor(module: nn.Module, target: str) -> torch.Tensor | None:
+def own_tensor(module: nn.Module, target: str) -> torch.Tensor | None:
+    """The parameter or buffer of ``module`` at the dotted path ``target`` (None: it has none there)."""
     owner_path, _, name = target.rpartition(".")
     try:
         owner = module.get_submodule(owner_path)
@@ -201,7 +202,7 @@ def capture_block(blocks: DecoderBlocks, call: BlockCall, block: nn.Module | Non
     # The graph is a template that bind() gives each block's tensors: it keeps none of block
     # 0's (a big model's block is hundreds of MB), only their shapes and dtypes.
     for node in graph_module.graph.nodes:
-        if node.op == "get_attr" and _own_tensor(module, str(node.target)) is not None:
+        if node.op == "get_attr" and own_tensor(module, str(node.target)) is not None:
             tensor = fetch_tensor(graph_module, str(node.target))
             replace_tensor(graph_module, str(node.target), torch.empty_like(tensor, device="meta"))
     # The linears as bind() will name them: found on a rewritten copy (its tensors are meta).

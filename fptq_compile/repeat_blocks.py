@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fptq_compile.blocks import DecoderBlocks, find_blocks
+from fptq_compile.blocks import DecoderBlocks, find_blocks, own_tensor
 from fptq_compile.capture import (
     CausalLMWithCache,
     GraphSignature,
@@ -252,11 +252,8 @@ def _register_like(graph_module: fx.GraphModule, template: str, target: str, blo
     """Register at ``target`` the tensor of ``block`` that the template's ``template``
     attribute is to block 1, as a parameter or buffer as that one is."""
     relative = move.text(template).removeprefix(move.destination + ".")
-    owner_path, _, name = relative.rpartition(".")
-    owner = block.get_submodule(owner_path)
-    tensor: torch.Tensor | None = owner._parameters.get(name)
-    if tensor is None:
-        tensor = owner._buffers.get(name)
+    name = relative.rpartition(".")[2]
+    tensor = own_tensor(block, relative)
     if tensor is None:
         raise NotRepeatable(f"block 1's graph reads {template}, which is no tensor of a block")
     template_owner_path, _, _ = template.rpartition(".")
