@@ -11,7 +11,10 @@ earlier commit), alternating with this one in the same session, so the two are c
 on the same (shared, noisy) machine. Parts that the baseline's ``--json`` does not report
 are left out of its row. ``--variant NAME="OPTIONS"`` adds a row of this checkout run with
 more ``fptq compile`` options (e.g. ``bf16="--calib-dtype bfloat16"``), in the same
-rotation. Writes JSON (default benchmarks/results/pipeline_time.json).
+rotation. Before each run the host's float32 matmul throughput is measured
+(``matmul_gflops``: SmolLM2's up projection on a calibration batch, 2048 x 576 x 1536),
+so that runs on a busy shared host show as such. Writes JSON (default
+benchmarks/results/pipeline_time.json).
 
     python benchmarks/pipeline_time.py [--repeats 3] [--baseline PATH] [--variant NAME=OPTIONS ...]
                                        [--json PATH]
@@ -39,6 +42,22 @@ def from_checkout(source: Path) -> dict[str, Any]:
     """``subprocess.run`` arguments that import fptq_compile from ``source``: on PYTHONPATH,
     and the working directory, which ``python -m`` puts first on sys.path."""
     return {"cwd": source, "env": {**os.environ, "PYTHONPATH": str(source)}}
+
+
+def matmul_gflops(repeats: int = 5, products: int = 20) -> float:
+    """This process's float32 matmul throughput now (median of ``repeats`` timings of
+    ``products`` 2048 x 576 by 576 x 1536 products): calibration is such products."""
+    import torch
+
+    left, right = torch.randn(2048, 576), torch.randn(576, 1536)
+    left @ right  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(products):
+            left @ right
+        seconds.append(time.perf_counter() - start)
+    return round(2 * 2048 * 576 * 1536 * products / statistics.median(seconds) / 1e9, 1)
 
 
 def run_once(source: Path, out: Path, options: list[str]) -> dict[str, Any]:
@@ -96,7 +115,8 @@ def main() -> None:
     try:
         for repeat in range(args.repeats):
             for name, source in sources.items():
-                runs[name].append(run_once(source, scratch / name, options[name]))
+                gflops = matmul_gflops()
+                runs[name].append({"matmul_gflops": gflops, **run_once(source, scratch / name, options[name])})
                 print(f"{name} run {repeat + 1}: {json.dumps(runs[name][-1])}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
