@@ -154,23 +154,24 @@ def _save_fused(
     """Fuse ``model`` for ONNX Runtime and save it if it still computes what ``compiled`` does;
     otherwise save the unfused model. Returns the export record and why fusion was refused ("")."""
     # The unfused graph (its tensors shared): the fallback, and the measure of ORT's own
-    # difference, written out only if the fused logits need that measure.
+    # difference, written out only if the fused logits need that measure (and then, if it
+    # becomes the fallback, checked and moved into place as it is).
     unfused = model.clone()
     fusions = fuse_for_onnx_runtime(model, num_layers)
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
+        unfused_path = Path(scratch) / destination.name
 
-        def saved_unfused() -> Path:  # run, not delivered: the checker runs if it becomes the fallback
-            path = Path(scratch) / destination.name
-            if not path.exists():
-                _save(unfused, path)
-            return path
+        def saved_unfused() -> Path:
+            if not unfused_path.exists():
+                _save(unfused, unfused_path)
+            return unfused_path
 
         reason = _save_checked(
             model, destination, verify=lambda fused: _fusion_mismatch(compiled, fused, saved_unfused)
         )
-    if reason:
-        _save_checked(unfused, destination)
-        return export, reason
+        if reason:
+            _place_checked(saved_unfused(), destination)
+            return export, reason
     return dataclasses.replace(export, fusions=fusions), ""
 
 
@@ -325,25 +326,32 @@ def _save_checked(
     model: ir.Model, destination: Path, verify: Callable[[Path], str] | None = None, external: bool = False
 ) -> str:
     """Save next to ``destination`` (the tensors in an external data file if ``external`` or
-    over 2 GB), run the full checker and ``verify`` (which returns why the staged model is
-    wrong, or ""), then move into place; return ``verify``'s refusal, the model not moved."""
+    over 2 GB), then :func:`_place_checked`; return ``verify``'s refusal, the model not moved."""
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         staged = staging / destination.name
         _save(model, staged, external)
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"the exported model fails onnx.checker: {error}") from error
-        refusal = verify(staged) if verify is not None else ""
-        if not refusal:
-            for produced in staging.iterdir():
-                os.replace(produced, destination.parent / produced.name)
-        return refusal
+        return _place_checked(staged, destination, verify)
     finally:
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
+
+
+def _place_checked(staged: Path, destination: Path, verify: Callable[[Path], str] | None = None) -> str:
+    """Run the full checker and ``verify`` (which returns why the model is wrong, or "") on
+    the model saved at ``staged`` (named as ``destination``, so its external data file keeps
+    its name), then move it and its data into ``destination``'s folder; return ``verify``'s
+    refusal, the model not moved."""
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported model fails onnx.checker: {error}") from error
+    refusal = verify(staged) if verify is not None else ""
+    if not refusal:
+        for produced in staged.parent.iterdir():
+            os.replace(produced, destination.parent / produced.name)
+    return refusal
 
 
 def _save(model: ir.Model, path: Path, external: bool = False) -> None:
