@@ -41,6 +41,7 @@ from fptq_compile.graph_utils import (
     probes_only,
     replace_tensor,
 )
+from fptq_compile.kernels import with_calibration_kernels
 from fptq_compile.lift import NotLiftable, lift_graph
 from fptq_compile.models import LoadedModel
 from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
@@ -333,7 +334,7 @@ def _analyze(
             # Temporary observers measure per-channel max|X| of each linear input (and its
             # Hessian for GPTQ), then leave.
             insert_observers(graph_module, linears, collect_hessians)
-            observed = probes_only(graph_module, ActivationObserver)
+            observed = with_calibration_kernels(probes_only(graph_module, ActivationObserver))
             run_batches(
                 functools.partial(captured.run, module=observed), batches, steps.enabled, config.calibration_dtype
             )
@@ -343,7 +344,7 @@ def _analyze(
             # Temporary probes measure every candidate's int8 error on a few calibration sequences.
             if config.error_samples:
                 insert_error_probes(graph_module, activation_candidates(graph_module, linears, stats, config))
-                probed = probes_only(graph_module, ActivationErrorProbe)
+                probed = with_calibration_kernels(probes_only(graph_module, ActivationErrorProbe))
                 run_batches(
                     functools.partial(captured.run, module=probed), error_batches, False, config.calibration_dtype
                 )

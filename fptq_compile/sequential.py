@@ -37,6 +37,7 @@ from fptq_compile.calibration import matmul_precision
 from fptq_compile.capture import LinearSite
 from fptq_compile.config import CalibrationDtype, CompileConfig
 from fptq_compile.errors import UnsupportedGraphError
+from fptq_compile.kernels import with_calibration_kernels
 from fptq_compile.offload import block_in_memory
 from fptq_compile.passes.analyze_sensitivity import activation_candidates
 from fptq_compile.passes.insert_observers import (
@@ -219,5 +220,6 @@ def _run(
 ) -> list[torch.Tensor]:
     """The block's float outputs for each batch (observers and probes pass their input through),
     its matrix products in ``dtype``."""
+    run = with_calibration_kernels(bound)
     with torch.no_grad(), matmul_precision(dtype, hidden[:1]):
-        return [run_bound_block(bound, call, states) for call, states in zip(calls, hidden, strict=True)]
+        return [run_bound_block(run, call, states) for call, states in zip(calls, hidden, strict=True)]
