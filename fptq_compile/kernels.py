@@ -2,8 +2,9 @@
 
 On a CPU, torch computes a float32 ``aten.linear`` with MKL's sgemm. oneDNN's linear
 (``torch.ops.mkldnn._linear_pointwise``, the kernel torch's own CPU compiler emits for a
-linear) computes the same product 10-30 % faster on AVX-512 CPUs such as this project's
-AMD Zen 4 (measured on SmolLM2's shapes), within float32 rounding of it (~1e-6 relative).
+linear) computes the same product within float32 rounding of it (~1e-6 relative), and
+10-30 % faster on this project's AMD Zen 4 (AVX-512; measured on SmolLM2's shapes, not on
+other CPUs).
 Calibration, its error probes and GPTQ's Hessians run every calibration token through
 every linear, so :func:`with_calibration_kernels` gives them that kernel; what is compiled,
 evaluated and exported keeps ``aten.linear``.
