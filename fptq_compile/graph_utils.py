@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -156,6 +156,15 @@ def remove_probes(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> 
     return len(probes)
 
 
+def copied_graph(graph_module: fx.GraphModule) -> tuple[fx.Graph, Any]:
+    """A new graph with ``graph_module``'s nodes (metadata shared, not deep-copied) and
+    calling convention (its pytree input and output specs), without an output node; and
+    the copies of what the graph outputs, for the caller's own output node."""
+    graph = fx.Graph()
+    graph.set_codegen(graph_module.graph._codegen)
+    return graph, graph.graph_copy(graph_module.graph, {})
+
+
 def probes_only(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> fx.GraphModule:
     """The graph cut down to what its ``probe_type`` probes see.
 
@@ -163,9 +172,7 @@ def probes_only(graph_module: fx.GraphModule, probe_type: type[nn.Module]) -> fx
     returns ``None`` for every output; nothing that only feeds the outputs is computed
     (a causal LM's logits, its largest matmul, are not what calibration measures).
     """
-    graph = fx.Graph()
-    graph.set_codegen(graph_module.graph._codegen)  # the same calling convention (pytree in/out specs)
-    outputs = graph.graph_copy(graph_module.graph, {})
+    graph, outputs = copied_graph(graph_module)
     graph.output(pytree.tree_map(lambda _: None, outputs))
     probes = {node.name for node, _ in find_probes(graph_module, probe_type)}
     cut = fx.GraphModule(graph_module, graph)

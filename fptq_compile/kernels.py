@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from fptq_compile.graph_utils import copied_graph
+
 _LINEAR = torch.ops.aten.linear.default
 
 
@@ -43,9 +45,8 @@ def with_calibration_kernels(graph_module: fx.GraphModule) -> fx.GraphModule:
     ``aten.linear`` computed by :func:`calibration_linear`; itself where oneDNN is missing."""
     if not onednn_linear_available():
         return graph_module
-    graph = fx.Graph()
-    graph.set_codegen(graph_module.graph._codegen)
-    graph.output(graph.graph_copy(graph_module.graph, {}))
+    graph, outputs = copied_graph(graph_module)
+    graph.output(outputs)
     for node in graph.nodes:
         if node.op == "call_function" and node.target == _LINEAR:
             node.target = calibration_linear
