@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         help="MODEL is a checkpoint folder bigger than memory: its blocks stay on disk and are compiled one at a "
         "time (implies --by-block; the folder gets no saved compiled model)",
     )
+    compile_.add_argument(
+        "--max-memory",
+        nargs="+",
+        metavar="DEVICE=SIZE",
+        help="with --offload: the memory blocks may take per device (e.g. 0=70GiB 1=70GiB cpu=64GiB); they fill "
+        "the GPUs, then CPU memory, the rest stays on disk (default: every block on disk)",
+    )
     compile_.add_argument("--layout", choices=[layout.value for layout in OnnxLayout], help="ONNX layout (ort)")
     compile_.add_argument(
         "--out", type=Path, default=Path("fptq-out"), metavar="DIR", help="output folder (default fptq-out)"
@@ -220,6 +227,7 @@ def _resolve_job(args: argparse.Namespace) -> Any:
 
     put(None, "model", args.model)
     put(None, "offload", True if getattr(args, "offload", False) else None)
+    put(None, "max_memory", getattr(args, "max_memory", None))
     put("calibration", "source", args.calib)
     put("calibration", "samples", args.samples)
     put("calibration", "seq_len", args.seq_len)
@@ -273,7 +281,7 @@ def _load_and_run(
     timer = timer or StepProgress("", ("load", "compile"), enabled=False)
     calibration = _calibration_source(job.calibration.source)
     with timer.step("load"):
-        loaded = _load_model(args, job.model, job.offload)
+        loaded = _load_model(args, job.model, job.offload, job.max_memory)
     with timer.step("compile"):
         result = step(
             loaded,
@@ -286,14 +294,18 @@ def _load_and_run(
     return loaded, result
 
 
-def _load_model(args: argparse.Namespace, source: str | None, offload: bool = False) -> Any:
-    """``load_model`` (``load_offloaded`` with ``offload``); with --quiet, without the progress
-    bar transformers' GGUF reader always shows."""
+def _load_model(
+    args: argparse.Namespace, source: str | None, offload: bool = False, max_memory: Sequence[str] = ()
+) -> Any:
+    """``load_model`` (``load_offloaded`` with ``offload``, within ``max_memory``); with --quiet,
+    without the progress bar transformers' GGUF reader always shows."""
     import fptq_compile as fptq
+    from fptq_compile.job import parse_budget
     from fptq_compile.offload import load_offloaded
 
+    budget = parse_budget(max_memory) if max_memory else None
     with contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        return load_offloaded(source) if offload and source is not None else fptq.load_model(source)
+        return load_offloaded(source, budget) if offload and source is not None else fptq.load_model(source)
 
 
 # --- the commands ------------------------------------------------------------------

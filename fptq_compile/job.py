@@ -5,6 +5,7 @@ compile options are those of :class:`~fptq_compile.config.CompileConfig`::
 
     model = "path/to/model"          # omitted: the built-in SmolLM2-135M
     offload = false                  # true: blocks stay on disk, compiled one at a time
+    max_memory = ["0=70GiB", "cpu=64GiB"]  # with offload: blocks on GPU 0, then memory, then disk
     ignore = ["model.layers.0.*"]
     int8_weight_only = ["lm_head"]   # int8 weights, float activations
     calibration_dtype = "float32"    # or bfloat16: matmuls in bfloat16 while calibrating
@@ -37,7 +38,7 @@ import dataclasses
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,10 @@ class JobConfig:
     """Load ``model`` (a Hugging Face checkpoint folder in safetensors) with its decoder
     blocks on disk and compile one block in memory at a time: ``calibrate_by_block``, which
     :func:`job_from_dict` sets unless the file says otherwise (the compile then refuses)."""
+    max_memory: tuple[str, ...] = ()
+    """With ``offload``, the memory the blocks may take per device (``"0=70GiB"``: GPU 0;
+    ``"cpu=64GiB"``): they fill the GPUs, then CPU memory, the rest stays on disk
+    (:func:`~fptq_compile.offload.placed_blocks`). Empty: every block on disk."""
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     compile: CompileConfig = field(default_factory=CompileConfig)
     export: ExportOptions = field(default_factory=ExportOptions)
@@ -84,6 +89,10 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.offload and self.model is None:
             raise ConfigError("offload loads a Hugging Face checkpoint folder (safetensors): give the model folder")
+        if self.max_memory and not self.offload:
+            raise ConfigError("max_memory places an offloaded model's blocks: it needs offload")
+        if self.max_memory:
+            parse_budget(self.max_memory)  # its entries, checked now
         if self.offload and self.compile.kv_cache_int8:
             raise ConfigError("an int8 KV cache (kv_cache_int8) is not supported with offload yet")
         # Refused here, before the compile: the exporter would refuse it after.
@@ -91,7 +100,26 @@ class JobConfig:
             raise ConfigError("an int8 KV cache (kv_cache_int8) exports in the qdq layout only: add --layout qdq")
 
 
-_JOB_KEYS = ("model", "offload", "calibration", "export")
+_JOB_KEYS = ("model", "offload", "max_memory", "calibration", "export")
+
+
+def parse_budget(entries: Sequence[str]) -> dict[int | str, int | str]:
+    """``["0=70GiB", "1=70GiB", "cpu=64GiB"]`` as accelerate's ``max_memory`` (a GPU index, or
+    ``cpu``, then a size in bytes or with a unit accelerate reads: ``GiB``, ``GB``, ``MiB`` ...)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    budget: dict[int | str, int | str] = {}
+    for entry in entries:
+        device, _, size = entry.partition("=")
+        if not (device.isdigit() or device == "cpu") or not size:
+            raise ConfigError(f"max_memory entry {entry!r} must be DEVICE=SIZE, DEVICE a GPU index or cpu")
+        if not size.isdigit():
+            try:
+                convert_file_size_to_int(size)
+            except ValueError as error:
+                raise ConfigError(f"max_memory entry {entry!r}: {size!r} is not a size (e.g. 70GiB)") from error
+        budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return budget
 
 
 def job_from_dict(data: Mapping[str, Any]) -> JobConfig:
@@ -115,6 +143,7 @@ def job_to_dict(job: JobConfig) -> dict[str, Any]:
     return {
         "model": job.model,
         "offload": job.offload,
+        "max_memory": list(job.max_memory),
         "calibration": vars(job.calibration).copy(),
         **config_to_dict(job.compile),
         "export": {"layout": job.export.layout.value},

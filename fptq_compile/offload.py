@@ -1,15 +1,18 @@
-"""Models bigger than memory: decoder blocks left on disk and read one at a time.
+"""Models bigger than memory: decoder blocks left on disk (or on GPUs) and read one at a time.
 
 :func:`load_offloaded` loads a Hugging Face checkpoint folder (safetensors) through
 transformers' ``device_map``, which hands the placement to ``accelerate``: what lies
 outside the decoder blocks (embeddings, final norm, lm_head) is read into memory, each
 block stays on ``"disk"`` (its parameters are ``meta`` tensors, read from the
 memory-mapped checkpoint when the block runs and dropped after). The model still runs as
-a whole, one block's weights in memory at a time.
+a whole, one block's weights in memory at a time. Given a memory budget per device
+(``max_memory``), accelerate places the blocks on the GPUs, then in CPU memory, the rest on
+disk (:func:`placed_blocks`).
 
 :func:`block_in_memory` gives one block as a plain module (no offload hooks) holding its
-weights, for the compiler to capture, bind and quantize; the copy is dropped with the
-reference to it. For a model in memory it is the block itself.
+weights on the device it computes on (:func:`execution_device`), for the compiler to
+capture, bind and quantize; the copy is dropped with the reference to it. For a block held
+in memory it is the block itself.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import itertools
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
+from accelerate import infer_auto_device_map, init_empty_weights
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import align_module_device, has_offloaded_params
 from safetensors import safe_open
@@ -37,10 +41,14 @@ from fptq_compile.errors import ModelLoadError, UnsupportedGraphError
 from fptq_compile.graph_utils import attribute_targets, fetch_tensor, replace_tensor
 from fptq_compile.models import LoadedModel
 
+Budget = Mapping[int | str, int | str]
+"""accelerate's ``max_memory``: bytes (or ``"70GiB"``) per GPU index and for ``"cpu"``."""
 
-def load_offloaded(folder: str | os.PathLike[str]) -> LoadedModel:
+
+def load_offloaded(folder: str | os.PathLike[str], max_memory: Budget | None = None) -> LoadedModel:
     """Load the causal LM in ``folder`` (a Hugging Face checkpoint in safetensors) with its
-    decoder blocks on disk: memory holds only what lies outside them."""
+    decoder blocks on disk: memory holds only what lies outside them. With ``max_memory``
+    the blocks fill the GPUs' and the CPU's budgets first (:func:`placed_blocks`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(folder).expanduser()
@@ -52,7 +60,7 @@ def load_offloaded(folder: str | os.PathLike[str]) -> LoadedModel:
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config)
-        device_map = blocks_on_disk(skeleton)
+        device_map = blocks_on_disk(skeleton) if max_memory is None else placed_blocks(skeleton, max_memory)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device_map)
         tokenizer = _tokenizer(path)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -87,6 +95,37 @@ def blocks_on_disk(model: nn.Module) -> dict[str, str]:
     return device_map
 
 
+def placed_blocks(model: nn.Module, max_memory: Budget) -> dict[str, int | str]:
+    """A ``device_map`` from accelerate's placement within ``max_memory``
+    (``infer_auto_device_map``, blocks never split): in model order on the GPUs, then in CPU
+    memory, then on ``"disk"``, one entry per decoder block. What lies outside the blocks is
+    never left on disk (the compiler keeps it in memory): accelerate's ``"disk"`` for it
+    becomes ``"cpu"``."""
+    blocks = find_blocks(model)
+    placement = infer_auto_device_map(
+        model, max_memory=dict(max_memory), no_split_module_classes=[type(blocks.layers[0]).__name__]
+    )
+
+    def placed(path: str) -> int | str:
+        # accelerate names the outermost module all of whose tensors go to one device.
+        parts = path.split(".")
+        for prefix in (".".join(parts[:end]) for end in range(len(parts), -1, -1)):
+            if prefix in placement:
+                return placement[prefix]
+        raise ModelLoadError(f"accelerate placed no device for {path or 'the model'}")
+
+    device_map: dict[str, int | str] = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rpartition(".")[0]
+        if owner.startswith(f"{blocks.path}."):
+            block = blocks.block_path(int(owner.removeprefix(f"{blocks.path}.").split(".")[0]))
+            device_map[block] = placed(block)
+        else:
+            device = placed(owner)
+            device_map[owner] = "cpu" if device == "disk" else device
+    return device_map
+
+
 # glibc's M_MMAP_THRESHOLD: allocations from this size up get their own mapping, returned to
 # the system when freed. By default glibc raises the threshold as big blocks are freed, after
 # which a block's freed weights, activations and Hessians stay in a fragmented heap: measured
@@ -111,19 +150,51 @@ def is_offloaded(module: nn.Module) -> bool:
     return any(has_offloaded_params(child) for child in module.modules())
 
 
-def block_in_memory(block: nn.Module) -> nn.Module:
-    """``block`` as a plain module holding its weights: an offloaded block is copied without
-    its hooks and its tensors read from disk; a block in memory is returned as it is."""
+def placed_off_the_cpu(model: nn.Module) -> bool:
+    """Whether a device map placed any of ``model``'s tensors elsewhere than in CPU memory
+    (on disk, on a GPU): then it compiles block by block, each block where it is placed."""
+    return any(tensor.device.type != "cpu" for tensor in itertools.chain(model.parameters(), model.buffers()))
+
+
+def execution_device(block: nn.Module) -> torch.device:
+    """Where ``block`` computes: accelerate's execution device for a block it dispatched (an
+    offloaded block is read there), else the device of its tensors (the CPU for none)."""
+    hooks = [getattr(block, "_hf_hook", None)]
+    hooks += list(getattr(hooks[0], "hooks", ()))  # a SequentialHook holds several
+    for hook in hooks:
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for tensor in itertools.chain(block.parameters(), block.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def block_in_memory(block: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """``block`` as a plain module holding its weights, without accelerate's hooks: an
+    offloaded block is copied and its tensors read from disk onto ``device`` (default: the
+    CPU); a block in memory that accelerate placed is copied sharing its tensors; any other
+    block is returned as it is."""
+    hooked = any(hasattr(module, "_hf_hook") for module in block.modules())
     if not is_offloaded(block):
-        return block
+        if not hooked:
+            return block
+        # The tensors are shared, not copied; the hooks (which move inputs between devices,
+        # and which torch.export would trace) are dropped from the copy only.
+        shared = {id(tensor): tensor for tensor in itertools.chain(block.parameters(), block.buffers())}
+        plain = copy.deepcopy(block, shared)
+        remove_hook_from_module(plain, recurse=True)
+        return plain
+    target = torch.device("cpu") if device is None else device
     plain = copy.deepcopy(block)  # meta tensors: nothing is read yet
     remove_hook_from_module(plain, recurse=True)
-    state = {name: tensor for name, tensor in block.state_dict().items() if tensor.device.type != "meta"}
+    state = {name: tensor.to(target) for name, tensor in block.state_dict().items() if tensor.device.type != "meta"}
     for path, child in block.named_modules():
         if not has_offloaded_params(child):
             continue
         prefix = f"{path}." if path else ""
-        with align_module_device(child, torch.device("cpu")):
+        with align_module_device(child, target):
             own = [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]
             state.update({f"{prefix}{name}": tensor.detach() for name, tensor in own})
     plain.load_state_dict(state, assign=True, strict=True)
@@ -181,14 +252,19 @@ class TensorStore:
 
 def capture_offloaded(model: nn.Module) -> CapturedModel:
     """The whole graph of an offloaded causal LM, captured from an empty copy of it: the
-    tensors the model holds in memory are put in place, the blocks' stay ``meta`` (each is
-    read when its block is compiled)."""
+    tensors the model holds outside its blocks are put in place (on the CPU), the blocks'
+    stay ``meta``, wherever the blocks are placed (each is read when it is compiled)."""
     with init_empty_weights():
         skeleton = type(model)(model.config)
     captured = capture(skeleton)
     graph_module = captured.graph_module
-    in_memory = {name: tensor for name, tensor in model.state_dict().items() if tensor.device.type != "meta"}
     blocks = find_blocks(model)
+    # The blocks are read in turn, wherever they are placed; the rest sits in the graph on the CPU.
+    in_memory = {
+        name: tensor.to("cpu")
+        for name, tensor in model.state_dict().items()
+        if tensor.device.type != "meta" and not name.startswith(f"{blocks.path}.")
+    }
     for target in attribute_targets(graph_module):
         tensor = fetch_tensor(graph_module, target)
         if tensor.device.type != "meta":

@@ -44,7 +44,7 @@ from fptq_compile.graph_utils import (
 from fptq_compile.kernels import with_calibration_kernels
 from fptq_compile.lift import NotLiftable, lift_graph
 from fptq_compile.models import LoadedModel
-from fptq_compile.offload import TensorStore, capture_offloaded, is_offloaded, return_freed_memory_at_once
+from fptq_compile.offload import TensorStore, capture_offloaded, placed_off_the_cpu, return_freed_memory_at_once
 from fptq_compile.passes.analyze_sensitivity import activation_candidates, analyze_sensitivity
 from fptq_compile.passes.base import Pass, PassResult, pass_name, run_pass
 from fptq_compile.passes.fold_log_equalization import fold_log_equalization
@@ -282,12 +282,15 @@ def _capture_and_batches(
     token_ids = calibration_token_ids(
         calibration, inputs.tokenizer, inputs.num_samples, inputs.seq_len, vocab_size, max_sequence_length
     )
-    if is_offloaded(model) and not config.calibrate_by_block:
-        raise ConfigError("a model with its blocks on disk (offloaded) compiles block by block: set calibrate_by_block")
+    offloaded = placed_off_the_cpu(model)
+    if offloaded and not config.calibrate_by_block:
+        raise ConfigError(
+            "a model with its blocks on disk or GPUs (offloaded) compiles block by block: set calibrate_by_block"
+        )
     with steps.step("capture"):
         # Graph of (ids, past cache) -> (logits, present cache), all lengths dynamic; an
-        # offloaded model's blocks stay on disk (meta tensors in the graph).
-        captured = capture_offloaded(model) if is_offloaded(model) else capture(model)
+        # offloaded model's blocks stay where they are (meta tensors in the graph).
+        captured = capture_offloaded(model) if offloaded else capture(model)
     size = config.calibration_batch_size
     error_batches = list(token_ids[: config.error_samples].split(size))
     return captured, list(token_ids.split(size)), error_batches, int(token_ids.numel())
@@ -392,11 +395,12 @@ def compile(
     ``insert_w4a8_qdq`` quantizes no weights, so it gets no GPTQ). The user's model is
     left unchanged.
 
-    A causal LM loaded with its blocks on disk (:func:`fptq_compile.offload.load_offloaded`)
-    is compiled with one block in memory at a time (``calibrate_by_block`` must be set): the
-    passes run once per block on its slice of the plan, and each finished block's tensors are
-    written to ``offload_folder`` (default: a temporary folder kept as long as the result),
-    which the result reads them from (:attr:`CompiledModel.offloaded`).
+    A causal LM loaded with its blocks on disk or GPUs (:func:`fptq_compile.offload.load_offloaded`)
+    is compiled with one block in memory at a time (``calibrate_by_block`` must be set), each
+    block calibrated where it is placed: the passes run on the CPU once per block on its
+    slice of the plan, and each finished block's tensors are written to ``offload_folder``
+    (default: a temporary folder kept as long as the result), which the result reads them
+    from (:attr:`CompiledModel.offloaded`).
     """
     config = config or CompileConfig()
     uses_gptq = config.weights.rounding is WeightRounding.GPTQ and insert_w4a8_qdq in passes
@@ -408,7 +412,7 @@ def compile(
             stacklevel=3,
         )
     causal_lm = model.model if isinstance(model, LoadedModel) else model
-    offloaded = isinstance(causal_lm, nn.Module) and is_offloaded(causal_lm)
+    offloaded = isinstance(causal_lm, nn.Module) and placed_off_the_cpu(causal_lm)
     if offloaded and config.kv_cache_int8:
         raise ConfigError("an int8 KV cache is not yet compiled for a model with its blocks on disk (offloaded)")
     if offloaded:

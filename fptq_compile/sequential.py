@@ -2,7 +2,9 @@
 
 The model runs up to its first block once per batch (:func:`first_block_inputs`); then each
 block, the one captured graph bound to its parameters (read from disk when the model is
-offloaded), runs the batches and hands its float outputs to the next block. What is
+offloaded), runs the batches and hands its float outputs to the next block. A block runs
+where it is placed (:func:`~fptq_compile.offload.execution_device`: its GPU when a device
+map put it on one); what is measured on it comes back to the CPU. What is
 measured on a block is keyed back by the whole graph's linear and input node names, so
 the plan and the passes work on it exactly as on whole-model calibration.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from fptq_compile.blocks import (
@@ -37,8 +40,9 @@ from fptq_compile.calibration import matmul_precision
 from fptq_compile.capture import LinearSite
 from fptq_compile.config import CalibrationDtype, CompileConfig
 from fptq_compile.errors import UnsupportedGraphError
+from fptq_compile.graph_utils import retarget_devices
 from fptq_compile.kernels import with_calibration_kernels
-from fptq_compile.offload import block_in_memory
+from fptq_compile.offload import block_in_memory, execution_device
 from fptq_compile.passes.analyze_sensitivity import activation_candidates
 from fptq_compile.passes.insert_observers import (
     ActivationStats,
@@ -57,22 +61,37 @@ from fptq_compile.passes.measure_activation_error import (
 
 @dataclass(frozen=True)
 class _BlockRun:
-    """A model's blocks, their one captured graph, what the model gives block 0 for each
-    batch, and the whole graph's linears by module path."""
+    """A model's blocks, their one captured graph (on the device block 0 computes on), and
+    the whole graph's linears by module path."""
 
     blocks: DecoderBlocks
     graph: BlockGraph
+    device: torch.device
     by_path: dict[str, LinearSite]
 
     @classmethod
     def prepare(
         cls, model: nn.Module, linears: Sequence[LinearSite], batches: Sequence[torch.Tensor]
     ) -> tuple[_BlockRun, list[BlockCall]]:
+        """The run, and what the model gives block 0 for each batch."""
         blocks = find_blocks(model)
         check_blocks_share_inputs(model, blocks, batches[0][:1])
         calls = first_block_inputs(model, blocks, batches)
-        graph = capture_block(blocks, calls[0], block_in_memory(blocks.layers[0]))
-        return cls(blocks, graph, {site.module_path: site for site in linears}), calls
+        device = execution_device(blocks.layers[0])
+        first = block_in_memory(blocks.layers[0], device)
+        graph = capture_block(blocks, _on_device(calls[0], device), first)
+        return cls(blocks, graph, device, {site.module_path: site for site in linears}), calls
+
+    def block(self, index: int) -> tuple[nn.Module, fx.GraphModule, torch.device]:
+        """Block ``index`` in memory (read from disk when offloaded) on its execution device,
+        the captured graph bound to it (naming that device), and the device."""
+        layer = self.blocks.layers[index]
+        device = execution_device(layer)
+        block = block_in_memory(layer, device)
+        bound = self.graph.bind(block)
+        if device != self.device:
+            retarget_devices(bound, str(self.device), str(device))
+        return block, bound, device
 
     def sites(self, index: int) -> dict[str, LinearSite]:
         """The block graph's linears that the whole graph quantizes, mapped to their
@@ -113,16 +132,16 @@ def calibrate_by_block(
     stats: dict[str, ChannelStats] = {}
     errors: dict[str, dict[str, float]] = {}
     layers = tqdm(run.blocks.layers, desc="calibrating blocks", unit="block", disable=not progress)
-    for index, layer in enumerate(layers):
+    for index, _ in enumerate(layers):
         # An offloaded block is read from disk here, and dropped with ``bound``.
-        bound = run.graph.bind(block_in_memory(layer))
+        _, bound, device = run.block(index)
         whole = run.sites(index)
         sites = run.block_sites(whole)
-        block_stats, hidden = _observe(bound, sites, calls, hidden, collect_hessians, config.calibration_dtype)
+        block_stats, hidden = _observe(bound, device, sites, calls, hidden, collect_hessians, config.calibration_dtype)
         stats.update(_keyed_by_whole_graph(block_stats, whole))
         if error_batches:
             insert_error_probes(bound, activation_candidates(bound, sites, block_stats, config))
-            error_hidden = _run(bound, error_calls, error_hidden, config.calibration_dtype)
+            error_hidden = _run(bound, device, error_calls, error_hidden, config.calibration_dtype)
             block_errors = read_activation_errors(bound)
             remove_error_probes(bound)
             for site in sites:
@@ -158,20 +177,20 @@ def blocks_in_turn(
     dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
 ) -> Iterator[BlockInTurn]:
     """Each decoder block in turn, read into memory, with the statistics of its linears on
-    the float activations that reach it; the next block is read once the caller is done."""
+    the float activations that reach it; the next block is read once the caller is done.
+    The block runs where it is placed; its tensors and statistics are handed over on the CPU."""
     run, calls = _BlockRun.prepare(model, linears, batches)
     run.check_covered()
     hidden = [call[0][0] for call in calls]
     layers = tqdm(run.blocks.layers, desc="quantizing blocks", unit="block", disable=not progress)
-    for index, layer in enumerate(layers):
-        block = block_in_memory(layer)
-        bound = run.graph.bind(block)
+    for index, _ in enumerate(layers):
+        block, bound, device = run.block(index)
         whole = run.sites(index)
-        block_stats, hidden = _observe(bound, run.block_sites(whole), calls, hidden, collect_hessians, dtype)
+        block_stats, hidden = _observe(bound, device, run.block_sites(whole), calls, hidden, collect_hessians, dtype)
         in_turn = BlockInTurn(
             index,
             run.blocks.block_path(index),
-            dict(block.state_dict()),
+            {name: tensor.to("cpu") for name, tensor in block.state_dict().items()},
             frozenset(site.node for site in whole.values()),
             ActivationStats(_keyed_by_whole_graph(block_stats, whole)),
         )
@@ -193,6 +212,7 @@ def _free_block() -> None:
 
 def _observe(
     bound: fx.GraphModule,
+    device: torch.device,
     sites: Sequence[LinearSite],
     calls: Sequence[BlockCall],
     hidden: list[torch.Tensor],
@@ -202,7 +222,7 @@ def _observe(
     """The block's statistics on ``hidden``, and its float outputs (the next block's inputs)."""
     insert_observers(bound, sites, collect_hessians)
     try:
-        outputs = _run(bound, calls, hidden, dtype)
+        outputs = _run(bound, device, calls, hidden, dtype)
         return read_activation_stats(bound), outputs
     finally:
         remove_observers(bound)
@@ -210,16 +230,33 @@ def _observe(
 
 def _keyed_by_whole_graph(stats: ActivationStats, whole: dict[str, LinearSite]) -> dict[str, ChannelStats]:
     return {
-        whole[node].node: dataclasses.replace(channel_stats, input_node=whole[node].input_node)
+        whole[node].node: dataclasses.replace(
+            channel_stats,
+            input_node=whole[node].input_node,
+            channel_absmax=channel_stats.channel_absmax.to("cpu"),
+            hessian=None if channel_stats.hessian is None else channel_stats.hessian.to("cpu"),
+        )
         for node, channel_stats in stats.per_linear.items()
     }
 
 
 def _run(
-    bound: fx.GraphModule, calls: Sequence[BlockCall], hidden: list[torch.Tensor], dtype: CalibrationDtype
+    bound: fx.GraphModule,
+    device: torch.device,
+    calls: Sequence[BlockCall],
+    hidden: list[torch.Tensor],
+    dtype: CalibrationDtype,
 ) -> list[torch.Tensor]:
     """The block's float outputs for each batch (observers and probes pass their input through),
-    its matrix products in ``dtype``."""
+    its matrix products in ``dtype``, computed on ``device`` (where its weights are)."""
     run = with_calibration_kernels(bound)
+    hidden = [states.to(device) for states in hidden]
     with torch.no_grad(), matmul_precision(dtype, hidden[:1]):
-        return [run_bound_block(run, call, states) for call, states in zip(calls, hidden, strict=True)]
+        return [
+            run_bound_block(run, _on_device(call, device), states) for call, states in zip(calls, hidden, strict=True)
+        ]
+
+
+def _on_device(call: BlockCall, device: torch.device) -> BlockCall:
+    """``call`` with its tensors on ``device`` (themselves where they are there already)."""
+    return pytree.tree_map_only(torch.Tensor, lambda tensor: tensor.to(device), call)

@@ -140,11 +140,19 @@ def test_export_re_exports_a_saved_model_in_the_other_layout(compiled_folder, tm
     assert code == 0 and generated["text"].startswith("the city")
 
 
-def test_offload_compiles_block_by_block_into_an_onnx_folder_without_the_saved_model(workspace, tmp_path, capsys):
+@pytest.mark.parametrize("block_0_in_memory", [False, True], ids=["all_on_disk", "block_0_in_memory"])
+def test_offload_compiles_block_by_block_into_an_onnx_folder_without_the_saved_model(
+    workspace, tmp_path, capsys, block_0_in_memory
+):
     out = tmp_path / "offloaded"
+    model = workspace / "model"
+    budget = []
+    if block_0_in_memory:  # three blocks: accelerate keeps room for one, so two would both fit
+        model = write_tiny_model(tmp_path / "model", layers=3)
+        budget = ["--max-memory", f"cpu={_room_for_block_0(model)}"]
     with pytest.warns(UserWarning, match="compiled offloaded"):
         code, result = _run_json(
-            "compile", str(workspace / "model"), "--offload", *SMALL, "--out", str(out), "--prompt", "the city"
+            "compile", str(model), "--offload", *budget, *SMALL, "--out", str(out), "--prompt", "the city"
         )
     assert code == 0 and result["text"].startswith("the city")
     for name in ("model.onnx", "model.onnx.data", "plan.json", "compile_report.json", "report.json", "tokenizer.json"):
@@ -152,13 +160,26 @@ def test_offload_compiles_block_by_block_into_an_onnx_folder_without_the_saved_m
     assert not (out / "fptq_manifest.json").exists() and not (out / "weights.safetensors").exists()
     resolved = json.loads((out / "fptq_config.json").read_text())
     assert resolved["offload"] is True and resolved["calibrate_by_block"] is True
+    assert resolved["max_memory"] == budget[1:]
     # The plan of an in-memory block-by-block compile of the same checkpoint (node names differ).
-    code, in_memory = _run_json("inspect", str(workspace / "model"), *SMALL, "--by-block")
+    code, in_memory = _run_json("inspect", str(model), *SMALL, "--by-block")
     assert code == 0
     assert _classes_by_module(json.loads((out / "plan.json").read_text())) == _classes_by_module(in_memory["plan"])
     capsys.readouterr()
     assert _run("export", str(out), "--format", "qdq", "--out", str(tmp_path / "qdq"), "--quiet") == 2
     assert "compiled offloaded is not saved" in capsys.readouterr().err
+
+
+def _room_for_block_0(folder: Path) -> int:
+    """A CPU budget in bytes that accelerate fills with what lies outside the blocks and block
+    0 (it keeps one more block's size free for reading the offloaded ones)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    outside = sum(p.numel() * p.element_size() for p in model.parameters()) - block * len(model.model.layers)
+    assert len(model.model.layers) >= 3
+    return outside + 2 * block + block // 2
 
 
 def _classes_by_module(plan: dict) -> list[tuple[str, str]]:
@@ -247,6 +268,8 @@ def _bad_inputs(workspace: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
         "unknown weight rounding": ([model, "--config", str(tmp_path / "awq.toml")], "weights.rounding must be one of"),
         "offload without a model folder": (["--offload"], "give the model folder"),
         "offload with --ppl": ([model, "--offload", "--ppl", str(workspace / "eval.txt")], "fptq eval DIR --ppl"),
+        "max-memory without --offload": ([model, "--max-memory", "cpu=1GiB"], "needs offload"),
+        "max-memory not a size": ([model, "--offload", "--max-memory", "cpu=lots"], "not a size"),
     }
 
 
@@ -269,6 +292,8 @@ BAD_INPUT_CASES = (
     "unknown weight rounding",
     "offload without a model folder",
     "offload with --ppl",
+    "max-memory without --offload",
+    "max-memory not a size",
 )
 
 

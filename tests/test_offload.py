@@ -13,7 +13,15 @@ from fptq_compile.errors import ExportError, ModelLoadError
 from fptq_compile.exporters import export_folder
 from fptq_compile.exporters.onnx_qdq import OnnxLayout, export_onnx
 from fptq_compile.graph_utils import fetch_tensor
-from fptq_compile.offload import block_in_memory, is_offloaded, load_offloaded
+from fptq_compile.job import JobConfig, parse_budget
+from fptq_compile.offload import (
+    block_in_memory,
+    execution_device,
+    is_offloaded,
+    load_offloaded,
+    placed_blocks,
+    placed_off_the_cpu,
+)
 from fptq_compile.runtime import OrtCausalLM
 from fptq_compile.saving import save_compiled
 
@@ -53,6 +61,43 @@ def test_block_in_memory_is_a_plain_copy_holding_the_weights(checkpoint):
     assert block_in_memory(in_memory) is in_memory
 
 
+# Room in memory for what lies outside the blocks and block 0 of the 3-block tiny Llama
+# (123 kB a block; accelerate keeps the biggest block's size free for reading offloaded ones).
+BLOCK_0_IN_MEMORY = {"cpu": 300_000}
+
+
+def test_a_memory_budget_puts_the_first_blocks_in_memory_and_the_rest_on_disk(checkpoint, token_ids):
+    folder, model = checkpoint
+    device_map = placed_blocks(model, BLOCK_0_IN_MEMORY)
+    assert [device_map[f"model.layers.{index}"] for index in range(3)] == ["cpu", "disk", "disk"]
+    # accelerate leaves the final norm on disk (it comes after the blocks): it is kept in memory.
+    assert all(device == "cpu" for path, device in device_map.items() if not path.startswith("model.layers."))
+    assert set(placed_blocks(model, {"cpu": 10**9}).values()) == {"cpu"}
+    loaded = load_offloaded(folder, BLOCK_0_IN_MEMORY).model
+    layers = loaded.model.layers
+    assert [is_offloaded(layer) for layer in layers] == [False, True, True]
+    assert placed_off_the_cpu(loaded) and not placed_off_the_cpu(model)
+    assert all(execution_device(layer) == torch.device("cpu") for layer in layers)
+    # Block 0, in memory under accelerate's hooks, is handed over without them, its tensors shared.
+    plain = block_in_memory(layers[0])
+    assert not any(hasattr(module, "_hf_hook") for module in plain.modules())
+    assert hasattr(layers[0], "_hf_hook")
+    assert all(a is b for a, b in zip(plain.parameters(), layers[0].parameters(), strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(token_ids).logits, model(token_ids).logits, rtol=0, atol=0)
+
+
+def test_a_memory_budget_is_read_from_device_and_size_pairs():
+    assert parse_budget(["0=70GiB", "1=1000", "cpu=64GB"]) == {0: "70GiB", 1: 1000, "cpu": "64GB"}
+    for entry, reason in [("gpu0=70GiB", "DEVICE=SIZE"), ("cpu", "DEVICE=SIZE"), ("0=lots", "not a size")]:
+        with pytest.raises(fptq.ConfigError, match=reason):
+            parse_budget([entry])
+    with pytest.raises(fptq.ConfigError, match="needs offload"):
+        JobConfig(model="folder", max_memory=("cpu=1GiB",))
+    with pytest.raises(fptq.ConfigError, match="not a size"):
+        JobConfig(model="folder", offload=True, max_memory=("cpu=1 lot",))
+
+
 def test_a_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="safetensors"):
@@ -61,8 +106,9 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
         load_offloaded(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("budget", [None, BLOCK_0_IN_MEMORY], ids=["all_on_disk", "block_0_in_memory"])
 @pytest.mark.parametrize("rounding", [fptq.WeightRounding.GPTQ, fptq.WeightRounding.NEAREST])
-def test_an_offloaded_model_compiles_to_what_block_by_block_compilation_gives(checkpoint, token_ids, rounding):
+def test_an_offloaded_model_compiles_to_what_block_by_block_compilation_gives(checkpoint, token_ids, rounding, budget):
     folder, model = checkpoint
     # A 35 dB budget makes this model's plan mix static, LAE + static and dynamic groups.
     config = fptq.CompileConfig(
@@ -71,7 +117,7 @@ def test_an_offloaded_model_compiles_to_what_block_by_block_compilation_gives(ch
         calibrate_by_block=True,
     )
     expected = fptq.compile(model, token_ids, config, progress=False)
-    offloaded = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False)
+    offloaded = fptq.compile(load_offloaded(folder, budget).model, token_ids, config, progress=False)
     # The meta-traced graph names some nodes differently: plans compare by module path.
     assert _by_module_path(offloaded.plan) == _by_module_path(expected.plan)
     assert len({group.activation.kind for group in offloaded.plan.groups}) == 3
