@@ -11,8 +11,9 @@ disk (:func:`placed_blocks`).
 
 :func:`block_in_memory` gives one block as a plain module (no offload hooks) holding its
 weights on the device it computes on (:func:`execution_device`), for the compiler to
-capture, bind and quantize; the copy is dropped with the reference to it. For a block held
-in memory it is the block itself.
+capture, bind and quantize; the copy is dropped with the reference to it. A block held in
+memory is returned as it is, or, where accelerate placed it (and hooked it), as a copy
+without the hooks sharing its tensors.
 """
 
 from __future__ import annotations
