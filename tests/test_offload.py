@@ -87,6 +87,34 @@ def test_a_memory_budget_puts_the_first_blocks_in_memory_and_the_rest_on_disk(ch
         torch.testing.assert_close(loaded(token_ids).logits, model(token_ids).logits, rtol=0, atol=0)
 
 
+def test_a_budget_across_two_gpus_places_the_blocks_in_order(checkpoint):
+    _, model = checkpoint
+    # accelerate places by the budget alone (it warns that the GPUs are not here).
+    device_map = placed_blocks(model, {0: 300_000, 1: 300_000})
+    assert [device_map[f"model.layers.{index}"] for index in range(3)] == [0, 1, 1]
+    assert device_map["model.embed_tokens"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: the GPU placement has not run")
+def test_blocks_on_a_gpu_and_on_disk_compile_as_well_as_on_the_cpu(checkpoint, token_ids):
+    folder, model = checkpoint
+    config = fptq.CompileConfig(weights=fptq.WeightConfig(group_size=32), calibrate_by_block=True)
+    loaded = load_offloaded(folder, {0: 300_000, "cpu": 150_000}).model
+    assert next(loaded.model.layers[0].parameters()).device == torch.device("cuda", 0)
+    assert all(execution_device(layer) == torch.device("cuda", 0) for layer in loaded.model.layers)
+    on_gpu = fptq.compile(loaded, token_ids, config, progress=False).in_memory()
+    on_cpu = fptq.compile(load_offloaded(folder).model, token_ids, config, progress=False).in_memory()
+    assert {layer.module_path for layer in on_gpu.plan.layers} == {layer.module_path for layer in on_cpu.plan.layers}
+    with torch.no_grad():
+        reference = model(token_ids).logits
+
+    def error(compiled):
+        return float((compiled(token_ids) - reference).abs().max() / reference.abs().max())
+
+    # GPU float32 products round otherwise than the CPU's: codes may differ, not the quality.
+    assert error(on_gpu) <= 2 * error(on_cpu) + 1e-3
+
+
 def test_a_memory_budget_is_read_from_device_and_size_pairs():
     assert parse_budget(["0=70GiB", "1=1000", "cpu=64GB"]) == {0: "70GiB", 1: 1000, "cpu": "64GB"}
     for entry, reason in [("gpu0=70GiB", "DEVICE=SIZE"), ("cpu", "DEVICE=SIZE"), ("0=lots", "not a size")]:
