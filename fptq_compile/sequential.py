@@ -133,8 +133,8 @@ def calibrate_by_block(
     errors: dict[str, dict[str, float]] = {}
     layers = tqdm(run.blocks.layers, desc="calibrating blocks", unit="block", disable=not progress)
     for index, _ in enumerate(layers):
-        # An offloaded block is read from disk here, and dropped with ``bound``.
-        _, bound, device = run.block(index)
+        # An offloaded block is read from disk here, and dropped (both names) before the next is.
+        block, bound, device = run.block(index)
         whole = run.sites(index)
         sites = run.block_sites(whole)
         block_stats, hidden = _observe(bound, device, sites, calls, hidden, collect_hessians, config.calibration_dtype)
@@ -147,7 +147,7 @@ def calibrate_by_block(
             for site in sites:
                 if site.input_node in block_errors.sqnr_db:
                     errors[whole[site.node].input_node] = dict(block_errors.sqnr_db[site.input_node])
-        del bound
+        del block, bound
         _free_block()
     return ActivationStats(stats), ActivationErrors(errors) if error_batches else None
 
