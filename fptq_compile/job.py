@@ -89,9 +89,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.offload and self.model is None:
             raise ConfigError("offload loads a Hugging Face checkpoint folder (safetensors): give the model folder")
-        if self.max_memory and not self.offload:
-            raise ConfigError("max_memory places an offloaded model's blocks: it needs offload")
         if self.max_memory:
+            if not self.offload:
+                raise ConfigError("max_memory places an offloaded model's blocks: it needs offload")
             parse_budget(self.max_memory)  # its entries, checked now
         if self.offload and self.compile.kv_cache_int8:
             raise ConfigError("an int8 KV cache (kv_cache_int8) is not supported with offload yet")
@@ -113,12 +113,13 @@ def parse_budget(entries: Sequence[str]) -> dict[int | str, int | str]:
         device, _, size = entry.partition("=")
         if not (device.isdigit() or device == "cpu") or not size:
             raise ConfigError(f"max_memory entry {entry!r} must be DEVICE=SIZE, DEVICE a GPU index or cpu")
-        if not size.isdigit():
+        amount: int | str = int(size) if size.isdigit() else size
+        if isinstance(amount, str):
             try:
-                convert_file_size_to_int(size)
+                convert_file_size_to_int(amount)
             except ValueError as error:
                 raise ConfigError(f"max_memory entry {entry!r}: {size!r} is not a size (e.g. 70GiB)") from error
-        budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+        budget[int(device) if device.isdigit() else device] = amount
     return budget
 
 

@@ -81,19 +81,25 @@ def _tokenizer(path: Path) -> object | None:
         return None
 
 
-def blocks_on_disk(model: nn.Module) -> dict[str, str]:
-    """A ``device_map`` putting each decoder block on ``"disk"`` and every other module
-    holding tensors on ``"cpu"``."""
+def _device_map_entries(model: nn.Module) -> dict[str, bool]:
+    """The entries of a ``device_map`` with one per decoder block: each block's path, and the
+    path of every other module holding tensors, with whether it is a block."""
     blocks = find_blocks(model)
-    device_map: dict[str, str] = {}
+    entries: dict[str, bool] = {}
     for name, _ in [*model.named_parameters(), *model.named_buffers()]:
         owner = name.rpartition(".")[0]
         if owner.startswith(f"{blocks.path}."):
             index = owner.removeprefix(f"{blocks.path}.").split(".")[0]
-            device_map[blocks.block_path(int(index))] = "disk"
+            entries[blocks.block_path(int(index))] = True
         else:
-            device_map[owner] = "cpu"
-    return device_map
+            entries[owner] = False
+    return entries
+
+
+def blocks_on_disk(model: nn.Module) -> dict[str, str]:
+    """A ``device_map`` putting each decoder block on ``"disk"`` and every other module
+    holding tensors on ``"cpu"``."""
+    return {path: "disk" if is_block else "cpu" for path, is_block in _device_map_entries(model).items()}
 
 
 def placed_blocks(model: nn.Module, max_memory: Budget) -> dict[str, int | str]:
@@ -116,14 +122,9 @@ def placed_blocks(model: nn.Module, max_memory: Budget) -> dict[str, int | str]:
         raise ModelLoadError(f"accelerate placed no device for {path or 'the model'}")
 
     device_map: dict[str, int | str] = {}
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
-        owner = name.rpartition(".")[0]
-        if owner.startswith(f"{blocks.path}."):
-            block = blocks.block_path(int(owner.removeprefix(f"{blocks.path}.").split(".")[0]))
-            device_map[block] = placed(block)
-        else:
-            device = placed(owner)
-            device_map[owner] = "cpu" if device == "disk" else device
+    for path, is_block in _device_map_entries(model).items():
+        device = placed(path)
+        device_map[path] = "cpu" if device == "disk" and not is_block else device
     return device_map
 
 
