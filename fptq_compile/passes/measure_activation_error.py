@@ -17,7 +17,6 @@ candidates are comparable. Postcondition of :func:`remove_error_probes`: no prob
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -81,30 +80,16 @@ class ActivationErrorProbe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = x.detach().to(torch.float32)
-        self.signal += _energy(values.square())
+        self.signal += primitives.energy(values.square())
         self.num_tokens += values.numel() // values.shape[-1]
         for name, candidate in self.group.candidates.items():
             restored = _quantize_dequantize(values, candidate, self.lae_scales.get(name))
             # (restored - x)^2 in place on one float32 temporary, summed in float64.
-            self.noise[name] += _energy(restored.sub_(values).square_())
+            self.noise[name] += primitives.energy(restored.sub_(values).square_())
         return x
 
     def sqnr_db(self) -> dict[str, float]:
-        return {name: _sqnr_db(self.signal, noise) for name, noise in self.noise.items()}
-
-
-def _energy(squares: torch.Tensor) -> float:
-    """The sum of ``squares``: each row of the last dimension summed in float32 (torch's
-    reduction over its thousands of terms is good to ~1e-7), the rows in float64 (over
-    millions of terms a float32 sum drifts). Summing every term in float64 costs three times
-    what the quantization does and moves the SQNR by ~1e-8 dB."""
-    return float(squares.sum(dim=-1).sum(dtype=torch.float64))
-
-
-def _sqnr_db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+        return {name: primitives.energy_sqnr_db(self.signal, noise) for name, noise in self.noise.items()}
 
 
 def insert_error_probes(graph_module: fx.GraphModule, groups: Sequence[GroupCandidates]) -> PassResult:
