@@ -42,7 +42,9 @@ def int8_scale_from_absmax(absmax: torch.Tensor | float) -> torch.Tensor:
 
 def per_token_scale(x: torch.Tensor) -> torch.Tensor:
     """The dynamic symmetric int8 scale of each row of the last dimension, shaped ``x[..., :1]``."""
-    return torch.clamp(x.abs().amax(dim=-1, keepdim=True), min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+    # max|x| as max(max x, -min x): no |x| temporary as large as x (the same values).
+    absmax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    return torch.clamp(absmax, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +56,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_symmetric(x, scale, INT8_MIN, INT8_MAX), scale
 
 
-def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+def fake_quantize_int8(x: torch.Tensor, scale: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize(quantize_symmetric(x, scale, int8), scale)`` computed in float32 (the same
-    values: the codes are exact in float), on one temporary."""
-    return torch.div(x, scale).round_().clamp_(INT8_MIN, INT8_MAX).mul_(scale)
+    values: the codes are exact in float), on one temporary: ``out`` when given (``x``'s
+    shape; it may be ``x`` itself)."""
+    return torch.div(x, scale, out=out).round_().clamp_(INT8_MIN, INT8_MAX).mul_(scale)
 
 
 def dequantize(

@@ -56,11 +56,16 @@ class ActivationErrors:
     sqnr_db: Mapping[str, Mapping[str, float]]
 
 
-def _quantize_dequantize(x: torch.Tensor, candidate: Candidate, lae_scale: torch.Tensor | None) -> torch.Tensor:
+def _quantize_dequantize(
+    x: torch.Tensor, candidate: Candidate, lae_scale: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """``x`` quantized to int8 and restored as ``candidate`` says, written into ``out``."""
     if candidate.scale is None:
-        return primitives.fake_quantize_int8(x, primitives.per_token_scale(x))
-    restored = primitives.fake_quantize_int8(x if lae_scale is None else x / lae_scale, candidate.scale)
-    return restored if lae_scale is None else restored.mul_(lae_scale)
+        return primitives.fake_quantize_int8(x, primitives.per_token_scale(x), out=out)
+    if lae_scale is None:
+        return primitives.fake_quantize_int8(x, candidate.scale, out=out)
+    equalized = torch.div(x, lae_scale, out=out)
+    return primitives.fake_quantize_int8(equalized, candidate.scale, out=out).mul_(lae_scale)
 
 
 class ActivationErrorProbe(nn.Module):
@@ -80,11 +85,12 @@ class ActivationErrorProbe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = x.detach().to(torch.float32)
-        self.signal += primitives.energy(values.square())
+        # Every candidate on one float32 scratch tensor: (restored - x)^2 in place, summed.
+        scratch = torch.square(values)
+        self.signal += primitives.energy(scratch)
         self.num_tokens += values.numel() // values.shape[-1]
         for name, candidate in self.group.candidates.items():
-            restored = _quantize_dequantize(values, candidate, self.lae_scales.get(name))
-            # (restored - x)^2 in place on one float32 temporary, summed in float64.
+            restored = _quantize_dequantize(values, candidate, self.lae_scales.get(name), scratch)
             self.noise[name] += primitives.energy(restored.sub_(values).square_())
         return x
 
