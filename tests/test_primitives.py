@@ -184,6 +184,31 @@ def test_fake_int8_quantization_gives_the_dequantized_codes():
     for scale in (0.01, 0.05, 1.0):  # clipped and not
         codes = primitives.quantize_symmetric(x, scale, primitives.INT8_MIN, primitives.INT8_MAX)
         assert torch.equal(primitives.fake_quantize_int8(x, scale), primitives.dequantize(codes, scale))
+        scratch = torch.empty_like(x)
+        assert primitives.fake_quantize_int8(x, scale, out=scratch) is scratch
+        assert torch.equal(scratch, primitives.dequantize(codes, scale))
+
+
+def test_per_token_scale_takes_the_larger_magnitude_of_either_sign():
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(8))
+    x[0, :, 3] = -50.0  # rows whose largest magnitude is negative
+    expected = x.abs().amax(dim=-1, keepdim=True).clamp(min=primitives.SCALE_FLOOR) / 127.5
+    assert torch.equal(primitives.per_token_scale(x), expected)
+
+
+def test_sqnr_is_the_float64_ratio_of_signal_to_noise_energy():
+    reference = torch.randn(300, 1000, generator=torch.Generator().manual_seed(9)) * 3
+    approximation = reference + 0.01 * torch.randn(300, 1000, generator=torch.Generator().manual_seed(10))
+    exact = 10 * torch.log10(
+        reference.double().square().sum() / (reference.double() - approximation.double()).square().sum()
+    )
+    assert primitives.sqnr_db(reference, approximation) == pytest.approx(float(exact), abs=1e-5)
+    assert primitives.sqnr_db(reference, reference.clone()) == float("inf")
+    # bfloat16 inputs are measured in float32, float64 ones in float64.
+    assert primitives.sqnr_db(reference.bfloat16(), approximation) == primitives.sqnr_db(
+        reference.bfloat16().float(), approximation
+    )
+    assert primitives.sqnr_db(reference.double(), approximation.double()) == pytest.approx(float(exact), abs=1e-9)
 
 
 @pytest.mark.parametrize(("shape", "group_size", "asymmetric"), [((12, 96), 32, False), ((10, 70), 32, True)])
