@@ -40,11 +40,15 @@ def int8_scale_from_absmax(absmax: torch.Tensor | float) -> torch.Tensor:
     return torch.clamp(absmax_tensor, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
 
 
+def absmax(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """``x.abs().amax(dim)``, computed as max(max x, -min x): two reductions and no |x|
+    temporary as large as ``x`` (the same values)."""
+    return torch.maximum(x.amax(dim=dim, keepdim=keepdim), x.amin(dim=dim, keepdim=keepdim).neg_())
+
+
 def per_token_scale(x: torch.Tensor) -> torch.Tensor:
     """The dynamic symmetric int8 scale of each row of the last dimension, shaped ``x[..., :1]``."""
-    # max|x| as max(max x, -min x): no |x| temporary as large as x (the same values).
-    absmax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    return torch.clamp(absmax, min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
+    return torch.clamp(absmax(x, dim=-1, keepdim=True), min=SCALE_FLOOR) / INT8_SYMMETRIC_DIVISOR
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +175,8 @@ def _int4_range(grouped: torch.Tensor, symmetric: bool, ratio: float) -> tuple[t
     """Per group ``[N, n_groups]`` of ``grouped [N, n_groups, g]``: the int4 scale (and zero
     point, asymmetric) of its range shrunk to ``ratio``."""
     if symmetric:
-        absmax = grouped.abs().amax(dim=-1) * ratio
-        return torch.clamp(absmax, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR, None
+        clipped = absmax(grouped, dim=-1) * ratio
+        return torch.clamp(clipped, min=SCALE_FLOOR) / INT4_SYMMETRIC_DIVISOR, None
     group_min = torch.clamp(grouped.amin(dim=-1), max=0.0) * ratio
     group_max = torch.clamp(grouped.amax(dim=-1), min=0.0) * ratio
     scale = torch.clamp(group_max - group_min, min=SCALE_FLOOR) / INT4_ASYMMETRIC_DIVISOR
@@ -217,7 +221,7 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int) -> WeightGroups:
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     weight = weight.detach().to(torch.float32)
-    scale = int8_scale_from_absmax(_group_view(weight, group_size).abs().amax(dim=-1))
+    scale = int8_scale_from_absmax(absmax(_group_view(weight, group_size), dim=-1))
     codes = quantize_symmetric(weight, expand_groups(scale, group_size, weight.shape[1]), INT8_MIN, INT8_MAX)
     return WeightGroups(codes=codes, scale=scale, zero_point=None, group_size=group_size)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from fptq_compile import primitives
 from fptq_compile.capture import LinearSite
 from fptq_compile.errors import CalibrationError, PreconditionError
 from fptq_compile.gptq import add_gram_upper, symmetric_from_upper
@@ -45,9 +46,7 @@ class ActivationObserver(nn.Module):
         self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # max|x| as max(max x, -min x): two reductions, no |x| temporary (the same values).
-        rows = x.detach().reshape(-1, x.shape[-1])
-        batch_absmax = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg_()).to(torch.float32)
+        batch_absmax = primitives.absmax(x.detach().reshape(-1, x.shape[-1]), dim=0).to(torch.float32)
         if self.channel_absmax is None:
             self.channel_absmax = batch_absmax
         else:
