@@ -113,13 +113,12 @@ def parse_budget(entries: Sequence[str]) -> dict[int | str, int | str]:
         device, _, size = entry.partition("=")
         if not (device.isdigit() or device == "cpu") or not size:
             raise ConfigError(f"max_memory entry {entry!r} must be DEVICE=SIZE, DEVICE a GPU index or cpu")
-        amount: int | str = int(size) if size.isdigit() else size
-        if isinstance(amount, str):
+        if not size.isdigit():
             try:
-                convert_file_size_to_int(amount)
+                convert_file_size_to_int(size)
             except ValueError as error:
                 raise ConfigError(f"max_memory entry {entry!r}: {size!r} is not a size (e.g. 70GiB)") from error
-        budget[int(device) if device.isdigit() else device] = amount
+        budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
     return budget
 
 
