@@ -242,7 +242,7 @@ def analyze(
     config = config or CompileConfig()
     steps = StepProgress("analyze", _analysis_steps(config), progress)
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
-    analysis, _ = _analyze(model, calibration, config, inputs, steps, False)
+    analysis, _ = _analyze(model, calibration, config, inputs, steps, None)
     steps.close()
     return analysis
 
@@ -311,7 +311,7 @@ def _analyze(
     config: CompileConfig,
     inputs: _ModelInputs,
     steps: StepProgress,
-    collect_hessians: bool,
+    hessian_dtype: torch.dtype | None,
 ) -> tuple[Analysis, list[Any]]:
     """The analysis, and the calibration batches it ran."""
     captured, batches, error_batches, calibration_tokens = _capture_and_batches(
@@ -330,13 +330,13 @@ def _analyze(
             # The observers and error probes below, on one block graph at a time.
             error_inputs = error_batches if config.error_samples else []
             stats, errors = calibrate_by_block(
-                causal_lm, linears, batches, error_inputs, config, collect_hessians, steps.enabled
+                causal_lm, linears, batches, error_inputs, config, hessian_dtype, steps.enabled
             )
     else:
         with steps.step("calibration"):
             # Temporary observers measure per-channel max|X| of each linear input (and its
             # Hessian for GPTQ), then leave.
-            insert_observers(graph_module, linears, collect_hessians)
+            insert_observers(graph_module, linears, hessian_dtype)
             observed = with_calibration_kernels(probes_only(graph_module, ActivationObserver))
             run_batches(
                 functools.partial(captured.run, module=observed), batches, steps.enabled, config.calibration_dtype
@@ -422,7 +422,8 @@ def compile(
     # Capture, calibrate, plan: what happens to every linear, decided before any edit. An
     # offloaded model's Hessians are collected block by block, as each block is quantized.
     inputs = _ModelInputs(example_inputs, dynamic_shapes, tokenizer, num_samples, seq_len)
-    analysis, batches = _analyze(model, calibration, config, inputs, steps, uses_gptq and not offloaded)
+    hessian_dtype = getattr(torch, config.weights.gptq.hessian_dtype.value) if uses_gptq else None
+    analysis, batches = _analyze(model, calibration, config, inputs, steps, None if offloaded else hessian_dtype)
     graph_module, plan = analysis.captured.graph_module, analysis.plan
     bytes_before = _linear_weight_bytes(graph_module, plan)
     store = None
@@ -432,7 +433,7 @@ def compile(
         linears, _ = select_linears(analysis.captured.linears, config)
         with steps.step("quantize_blocks"):
             pass_reports = _transform_by_block(
-                causal_lm, graph_module, plan, linears, batches, passes, uses_gptq, config, store, steps.enabled
+                causal_lm, graph_module, plan, linears, batches, passes, hessian_dtype, config, store, steps.enabled
             )
     else:
         pass_reports = {}
@@ -465,7 +466,7 @@ def _transform_by_block(
     linears: Sequence[LinearSite],
     batches: Sequence[torch.Tensor],
     passes: Sequence[Pass],
-    uses_gptq: bool,
+    hessian_dtype: torch.dtype | None,
     config: CompileConfig,
     store: TensorStore,
     progress: bool,
@@ -475,7 +476,8 @@ def _transform_by_block(
     reads are written to ``store`` (``meta`` tensors left in their place)."""
     in_memory = {target for target in attribute_targets(graph_module) if not _is_meta(graph_module, target)}
     reports: dict[str, dict[str, Any]] = {}
-    for block in blocks_in_turn(model, linears, batches, uses_gptq, progress, config.calibration_dtype):
+    uses_gptq = hessian_dtype is not None
+    for block in blocks_in_turn(model, linears, batches, hessian_dtype, progress, config.calibration_dtype):
         prefix = f"{graph_attribute(block.path)}."
         for target in attribute_targets(graph_module):
             if target.startswith(prefix):

@@ -119,7 +119,7 @@ def calibrate_by_block(
     batches: Sequence[torch.Tensor],
     error_batches: Sequence[torch.Tensor],
     config: CompileConfig,
-    collect_hessians: bool,
+    hessian_dtype: torch.dtype | None,
     progress: bool = True,
 ) -> tuple[ActivationStats, ActivationErrors | None]:
     """Statistics (and, with ``error_batches``, candidate errors) of ``linears``, sites of the
@@ -137,7 +137,7 @@ def calibrate_by_block(
         block, bound, device = run.block(index)
         whole = run.sites(index)
         sites = run.block_sites(whole)
-        block_stats, hidden = _observe(bound, device, sites, calls, hidden, collect_hessians, config.calibration_dtype)
+        block_stats, hidden = _observe(bound, device, sites, calls, hidden, hessian_dtype, config.calibration_dtype)
         stats.update(_keyed_by_whole_graph(block_stats, whole))
         if error_batches:
             insert_error_probes(bound, activation_candidates(bound, sites, block_stats, config))
@@ -172,7 +172,7 @@ def blocks_in_turn(
     model: nn.Module,
     linears: Sequence[LinearSite],
     batches: Sequence[torch.Tensor],
-    collect_hessians: bool,
+    hessian_dtype: torch.dtype | None,
     progress: bool = True,
     dtype: CalibrationDtype = CalibrationDtype.FLOAT32,
 ) -> Iterator[BlockInTurn]:
@@ -186,7 +186,7 @@ def blocks_in_turn(
     for index, _ in enumerate(layers):
         block, bound, device = run.block(index)
         whole = run.sites(index)
-        block_stats, hidden = _observe(bound, device, run.block_sites(whole), calls, hidden, collect_hessians, dtype)
+        block_stats, hidden = _observe(bound, device, run.block_sites(whole), calls, hidden, hessian_dtype, dtype)
         in_turn = BlockInTurn(
             index,
             run.blocks.block_path(index),
@@ -216,11 +216,11 @@ def _observe(
     sites: Sequence[LinearSite],
     calls: Sequence[BlockCall],
     hidden: list[torch.Tensor],
-    collect_hessians: bool,
+    hessian_dtype: torch.dtype | None,
     dtype: CalibrationDtype,
 ) -> tuple[ActivationStats, list[torch.Tensor]]:
     """The block's statistics on ``hidden``, and its float outputs (the next block's inputs)."""
-    insert_observers(bound, sites, collect_hessians)
+    insert_observers(bound, sites, hessian_dtype)
     try:
         outputs = _run(bound, device, calls, hidden, dtype)
         return read_activation_stats(bound), outputs

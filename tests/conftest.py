@@ -68,12 +68,13 @@ def smollm2_available() -> bool:
 
 
 def collect_stats(captured: CapturedModel, token_ids: torch.Tensor, linears=None, forward=None, hessians=False):
-    """Calibrate ``captured`` on ``token_ids`` and return its ActivationStats."""
+    """Calibrate ``captured`` on ``token_ids`` and return its ActivationStats (with ``hessians``,
+    the Hessians of the float32 inputs as they are: the exact ones GPTQ's tests compare with)."""
     from fptq_compile.calibration import run_calibration
     from fptq_compile.passes import insert_observers, read_activation_stats, remove_observers
 
     sites = captured.linears if linears is None else linears
-    insert_observers(captured.graph_module, sites, collect_hessians=hessians)
+    insert_observers(captured.graph_module, sites, hessian_dtype=torch.float32 if hessians else None)
     run_calibration(forward or captured.logits, token_ids, batch_size=2, progress=False)
     stats = read_activation_stats(captured.graph_module)
     remove_observers(captured.graph_module)

@@ -56,13 +56,16 @@ def test_config_round_trips_through_plain_data_with_the_weight_and_cache_options
     from fptq_compile.config import config_from_dict, config_to_dict
 
     config = fptq.CompileConfig(
-        weights=fptq.WeightConfig(rounding=fptq.WeightRounding.NEAREST, gptq=fptq.GPTQConfig(damp=0.05)),
+        weights=fptq.WeightConfig(
+            rounding=fptq.WeightRounding.NEAREST,
+            gptq=fptq.GPTQConfig(damp=0.05, hessian_dtype=fptq.CalibrationDtype.FLOAT32),
+        ),
         kv_cache_int8=True,
         calibration_dtype=fptq.CalibrationDtype.BFLOAT16,
     )
     data = json.loads(json.dumps(config_to_dict(config)))
     assert data["weights"]["rounding"] == "nearest" and data["kv_cache_int8"] is True
-    assert data["calibration_dtype"] == "bfloat16"
+    assert data["calibration_dtype"] == "bfloat16" and data["weights"]["gptq"]["hessian_dtype"] == "float32"
     assert config_from_dict(data) == config
     with pytest.raises(fptq.ConfigError, match=r"calibration_dtype must be one of float32, bfloat16; got 'fp16'"):
         config_from_dict({"calibration_dtype": "fp16"})

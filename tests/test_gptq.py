@@ -119,9 +119,23 @@ def test_the_upper_gram_accumulated_over_batches_gives_x_transpose_x(width):
     x = torch.randn(3, 50, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
     gram = None
     for batch in x:
-        gram = gptq.add_gram_upper(gram, batch)
+        gram = gptq.add_gram_upper(gram, batch, torch.float64)
     assert gram is not None
     tokens = x.reshape(-1, width)
     expected = tokens.t() @ tokens
     torch.testing.assert_close(gptq.symmetric_from_upper(gram), expected, rtol=1e-12, atol=1e-10)
     assert not torch.allclose(gram, expected)  # the blocks below the diagonal were skipped
+
+
+@pytest.mark.parametrize("width", [576, 1536])  # one row block, four
+def test_a_bfloat16_gram_is_that_of_the_rounded_inputs_summed_in_float32(width):
+    x = torch.randn(512, width, generator=torch.Generator().manual_seed(width)) * 3
+    gram = gptq.symmetric_from_upper(gptq.add_gram_upper(None, x, torch.bfloat16))
+    rounded = x.to(torch.bfloat16).double()
+    expected = rounded.t() @ rounded
+    unrounded = x.double().t() @ x.double()
+    scale = expected.abs().max()
+    assert gram.dtype == torch.float32
+    assert (gram.double() - expected).abs().max() / scale < 1e-6  # float32 sums of exact products
+    assert (unrounded - expected).abs().max() / scale > 1e-5  # the rounding is there to see
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is put back

@@ -52,8 +52,8 @@ def _linear_inputs(llama, token_ids) -> dict[str, torch.Tensor]:
     return {name: x.reshape(-1, x.shape[-1]) for name, x in seen.items()}
 
 
-def _calibrated_stats(captured, token_ids, collect_hessians=False):
-    insert_observers(captured.graph_module, captured.linears, collect_hessians=collect_hessians)
+def _calibrated_stats(captured, token_ids, hessian_dtype=None):
+    insert_observers(captured.graph_module, captured.linears, hessian_dtype)
     run_calibration(captured.logits, token_ids, batch_size=3, progress=False)
     stats = read_activation_stats(captured.graph_module)
     remove_observers(captured.graph_module)
@@ -104,12 +104,13 @@ def test_reading_before_calibration_is_a_clear_error(captured):
         read_activation_stats(captured.graph_module)
 
 
-def test_hessians_equal_a_direct_measurement(llama, captured, token_ids):
+@pytest.mark.parametrize("hessian_dtype", [torch.float32, torch.bfloat16])
+def test_hessians_equal_a_direct_measurement(llama, captured, token_ids, hessian_dtype):
     # Calibrated in batches of 3 rows, measured here in one: the sums must agree.
-    stats = _calibrated_stats(captured, token_ids, collect_hessians=True)
+    stats = _calibrated_stats(captured, token_ids, hessian_dtype)
     inputs = _linear_inputs(llama, token_ids)
     for site in captured.linears:
-        tokens = inputs[site.module_path]
+        tokens = inputs[site.module_path].to(hessian_dtype).float()
         expected = tokens.t() @ tokens / tokens.shape[0]
         torch.testing.assert_close(stats[site.node].hessian, expected, rtol=1e-4, atol=1e-4)
 

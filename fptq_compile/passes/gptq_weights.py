@@ -5,7 +5,7 @@ After:  ``linear(x, dequantize_int4_groups(Wq, Ws, Wz, g))`` with ``Ws``/``Wz`` 
 round-to-nearest group scales and zero points and ``Wq`` the codes GPTQ chose for them
 
 (see :mod:`fptq_compile.gptq`). GPTQ needs each input's Hessian ``X^T X / n``, which the
-calibration observers collect (``insert_observers(..., collect_hessians=True)``); the
+calibration observers collect (``insert_observers(..., hessian_dtype=...)``); the
 pipeline binds them: ``functools.partial(gptq_weights, stats=..., settings=...)``. The
 linears of one activation group read one input, so they share one Hessian and are solved
 together. An input that LAE was folded into is ``x / s``: its Hessian is ``H / (s s^T)``.
@@ -129,7 +129,7 @@ def _stored_hessian(members: list[tuple[fx.Node, LayerPlan]], stats: ActivationS
     hessian = stats.per_linear[first.node].hessian if first.node in stats.per_linear else None
     if hessian is None:
         raise PreconditionError(
-            f"no Hessian for {first.node} ({first.module_path}): calibrate with insert_observers(collect_hessians=True)"
+            f"no Hessian for {first.node} ({first.module_path}): calibrate with insert_observers(hessian_dtype=...)"
         )
     return hessian
 

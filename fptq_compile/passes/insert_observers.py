@@ -34,15 +34,15 @@ _OBSERVER_PREFIX = "fptq_observer_"
 class ActivationObserver(nn.Module):
     """Passes its input through and records the running per-channel ``max|x|``."""
 
-    def __init__(self, input_node: str, linears: Sequence[str], collect_hessian: bool = False) -> None:
+    def __init__(self, input_node: str, linears: Sequence[str], hessian_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.input_node = input_node
         self.linears = tuple(linears)
-        self.collect_hessian = collect_hessian
+        self.hessian_dtype = hessian_dtype
         self.channel_absmax: torch.Tensor | None = None
         self.input_gram: torch.Tensor | None = None
-        """``X^T X`` summed over the tokens seen (with ``collect_hessian``), its upper triangle
-        only (:func:`~fptq_compile.gptq.add_gram_upper`)."""
+        """``X^T X`` summed in float32 over the tokens seen, ``X`` rounded to ``hessian_dtype``
+        (None: not collected), its upper triangle only (:func:`~fptq_compile.gptq.add_gram_upper`)."""
         self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ class ActivationObserver(nn.Module):
             self.channel_absmax = batch_absmax
         else:
             torch.maximum(self.channel_absmax, batch_absmax, out=self.channel_absmax)
-        if self.collect_hessian:
+        if self.hessian_dtype is not None:
             tokens = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            self.input_gram = add_gram_upper(self.input_gram, tokens)
+            self.input_gram = add_gram_upper(self.input_gram, tokens, self.hessian_dtype)
         self.num_tokens += x.numel() // x.shape[-1]
         return x
 
@@ -84,10 +84,11 @@ class ActivationStats:
 
 
 def insert_observers(
-    graph_module: fx.GraphModule, linears: Sequence[LinearSite], collect_hessians: bool = False
+    graph_module: fx.GraphModule, linears: Sequence[LinearSite], hessian_dtype: torch.dtype | None = None
 ) -> PassResult:
-    """Put one :class:`ActivationObserver` on each distinct input of ``linears``
-    (collecting each input's Hessian too with ``collect_hessians``)."""
+    """Put one :class:`ActivationObserver` on each distinct input of ``linears``, collecting
+    each input's Hessian too when given the ``hessian_dtype`` its values are rounded to
+    (``GPTQConfig.hessian_dtype``)."""
     if find_probes(graph_module, ActivationObserver):
         return PassResult(graph_module, modified=False, report={"observers": 0, "note": "observers already present"})
     by_input: dict[str, list[fx.Node]] = {}
@@ -100,7 +101,7 @@ def insert_observers(
         input_node = linear_nodes[0].args[0]
         if not isinstance(input_node, fx.Node) or input_node.name != input_name:
             raise PreconditionError(f"linear {linear_nodes[0].name} no longer reads {input_name}: stale linear sites")
-        observer = ActivationObserver(input_name, [n.name for n in linear_nodes], collect_hessians)
+        observer = ActivationObserver(input_name, [n.name for n in linear_nodes], hessian_dtype)
         insert_probe(graph_module, input_node, linear_nodes, observer, f"{_OBSERVER_PREFIX}{index}")
     graph_module.recompile()
     return PassResult(graph_module, modified=bool(by_input), report={"observers": len(by_input)})
