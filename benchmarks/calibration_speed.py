@@ -8,7 +8,9 @@ Each repeat times, one after the other:
 - ``float_decoder``: the same without the ``lm_head`` matmul (``model.model``);
 - ``observers``: the calibration step of ``fptq.compile`` with round-to-nearest weights
   (per-channel ``max|x|`` observers only);
-- ``observers_hessians``: the same step with GPTQ weights (observers and ``XᵀX``).
+- ``observers_hessians``: the same step with GPTQ weights (observers and ``XᵀX`` of the
+  inputs rounded to bfloat16, the default ``weights.gptq.hessian_dtype``);
+- ``observers_hessians_float32``: the same with ``hessian_dtype`` float32.
 
 Calibration runs the captured graph cut down to its observers: the logits are not
 computed, which is why ``float_decoder`` is printed too. Prints the medians and the
@@ -55,17 +57,28 @@ def main() -> None:
                 module(input_ids=batch, use_cache=False)
         return time.perf_counter() - start
 
-    def calibration_step(rounding: fptq.WeightRounding) -> float:
-        weights = fptq.WeightConfig(rounding=rounding)
+    def calibration_step(
+        rounding: fptq.WeightRounding, hessian_dtype: fptq.CalibrationDtype = fptq.CalibrationDtype.BFLOAT16
+    ) -> float:
+        weights = fptq.WeightConfig(rounding=rounding, gptq=fptq.GPTQConfig(hessian_dtype=hessian_dtype))
         compiled = fptq.compile(loaded, calibration, fptq.CompileConfig(weights=weights), progress=False)
         return compiled.report.seconds_per_step["calibration"]
 
-    runs: dict[str, list[float]] = {"float_forward": [], "float_decoder": [], "observers": [], "observers_hessians": []}
+    runs: dict[str, list[float]] = {
+        "float_forward": [],
+        "float_decoder": [],
+        "observers": [],
+        "observers_hessians": [],
+        "observers_hessians_float32": [],
+    }
     for repeat in range(args.repeats):
         runs["float_forward"].append(forward(loaded.model))
         runs["float_decoder"].append(forward(loaded.model.model))
         runs["observers"].append(calibration_step(fptq.WeightRounding.NEAREST))
         runs["observers_hessians"].append(calibration_step(fptq.WeightRounding.GPTQ))
+        runs["observers_hessians_float32"].append(
+            calibration_step(fptq.WeightRounding.GPTQ, fptq.CalibrationDtype.FLOAT32)
+        )
         print(
             f"repeat {repeat + 1}: " + ", ".join(f"{name} {times[-1]:.1f} s" for name, times in runs.items()),
             flush=True,
@@ -73,7 +86,7 @@ def main() -> None:
     medians = {name: round(statistics.median(times), 2) for name, times in runs.items()}
     ratios = {
         f"{name}_vs_{reference}": round(medians[name] / medians[reference], 3)
-        for name in ("observers", "observers_hessians")
+        for name in ("observers", "observers_hessians", "observers_hessians_float32")
         for reference in ("float_forward", "float_decoder")
     }
     for name, seconds in medians.items():
