@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from protocol import calibration_text, wikitext_test_ids
 
 
 def main() -> None:
@@ -28,12 +28,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import fptq_compile as fptq
-    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+    from fptq_compile.evaluate import perplexity
 
     loaded = fptq.load_model()
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.Texts(tuple(lines), separator=" ")
-    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
+    calibration = calibration_text()
+    eval_ids = wikitext_test_ids(loaded.tokenizer)
     config = fptq.CompileConfig()
     rows, plans = {}, {}
     for name, row_config in (("whole", config), ("by_block", dataclasses.replace(config, calibrate_by_block=True))):

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from protocol import calibration_text, wikitext_test_ids
 
 
 def main() -> None:
@@ -28,14 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import fptq_compile as fptq
-    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+    from fptq_compile.evaluate import perplexity
 
     loaded = fptq.load_model()
-    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
+    eval_ids = wikitext_test_ids(loaded.tokenizer)
     sources = {
         "random, nearest": (fptq.RandomTokens(), fptq.WeightRounding.NEAREST),
-        "text, gptq": (fptq.Texts(tuple(lines), separator=" "), fptq.WeightRounding.GPTQ),
+        "text, gptq": (calibration_text(), fptq.WeightRounding.GPTQ),
     }
     rows = []
     for source_name, (calibration, rounding) in sources.items():

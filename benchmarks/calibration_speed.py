@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from protocol import calibration_text
 
 
 def main() -> None:
@@ -43,8 +43,7 @@ def main() -> None:
     from fptq_compile.calibration import calibration_token_ids
 
     loaded = fptq.load_model()
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.Texts(tuple(lines), separator=" ")
+    calibration = calibration_text()
     config = fptq.CompileConfig()
     batches = calibration_token_ids(calibration, loaded.tokenizer, 32, 512, loaded.model.config.vocab_size).split(
         config.calibration_batch_size

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from protocol import calibration_text, wikitext_test_ids
 
 
 def main() -> None:
@@ -29,12 +29,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import fptq_compile as fptq
-    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+    from fptq_compile.evaluate import perplexity
 
     loaded = fptq.load_model()
-    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.Texts(tuple(lines), separator=" ")
+    eval_ids = wikitext_test_ids(loaded.tokenizer)
+    calibration = calibration_text()
     rows, plans = [], {}
     for dtype in fptq.CalibrationDtype:
         weights = fptq.WeightConfig(gptq=fptq.GPTQConfig(hessian_dtype=dtype))

@@ -41,14 +41,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from protocol import calibration_text, wikitext_test_ids
 
 import fptq_compile as fptq
 from fptq_compile.capture import KVCache
-from fptq_compile.evaluate import perplexity, wikitext_token_ids
+from fptq_compile.evaluate import perplexity
 from fptq_compile.exporters import OnnxLayout, export_onnx
 from fptq_compile.runtime import OrtCausalLM, session_options
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DECODE_STEPS = 5
 # name -> (export, accuracy level 1?)
 SESSIONS = {
@@ -88,8 +88,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
 
     loaded = fptq.load_model()
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.Texts(tuple(lines), separator=" ")
+    calibration = calibration_text()
     compiled = {
         "w4a8": fptq.compile(loaded, calibration, progress=False),
         "w4a8_lm_head_int8": fptq.compile(
@@ -97,7 +96,7 @@ def main() -> None:
         ),
         "float": fptq.compile(loaded, fptq.RandomTokens(), passes=(), num_samples=1, seq_len=8, progress=False),
     }
-    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
+    eval_ids = wikitext_test_ids(loaded.tokenizer)
     torch_perplexity = {
         name: perplexity(compiled[name], eval_ids, max_windows=args.windows, progress=False).perplexity
         for name in ("w4a8", "w4a8_lm_head_int8")

@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from protocol import DATA, calibration_text, wikitext_test_ids
+
 PAPER_ROW = "w4a8_fptq_paper"
 """The paper's method as published: its policy with round-to-nearest, unclipped weights, whatever --rounding
 says."""
@@ -64,16 +65,15 @@ def run_row(
 
     import fptq_compile as fptq
     from fptq_compile.calibration import calibration_token_ids
-    from fptq_compile.evaluate import perplexity, wikitext_token_ids
+    from fptq_compile.evaluate import perplexity
     from fptq_compile.pipeline import peak_rss_bytes
 
     start = time.perf_counter()
     loaded = fptq.load_model()
     row: dict = {"row": name, "load_seconds": round(time.perf_counter() - start, 2)}
     row["rss_after_load_gb"] = round(peak_rss_bytes() / 1e9, 3)
-    eval_ids = wikitext_token_ids(DATA / "wikitext-2-raw" / "wiki.test.raw", loaded.tokenizer)
-    lines = (DATA / "wikitext-2-tokenized" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    calibration = fptq.RandomTokens() if random_calibration else fptq.Texts(tuple(lines), separator=" ")
+    eval_ids = wikitext_test_ids(loaded.tokenizer)
+    calibration = fptq.RandomTokens() if random_calibration else calibration_text()
     policy = ROWS[name]
     rounding = "nearest" if name == PAPER_ROW else rounding
     if policy is None:
