@@ -46,15 +46,15 @@ class ActivationObserver(nn.Module):
         self.num_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_absmax = primitives.absmax(x.detach().reshape(-1, x.shape[-1]), dim=0).to(torch.float32)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        batch_absmax = primitives.absmax(rows, dim=0).to(torch.float32)
         if self.channel_absmax is None:
             self.channel_absmax = batch_absmax
         else:
             torch.maximum(self.channel_absmax, batch_absmax, out=self.channel_absmax)
         if self.hessian_dtype is not None:
-            tokens = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            self.input_gram = add_gram_upper(self.input_gram, tokens, self.hessian_dtype)
-        self.num_tokens += x.numel() // x.shape[-1]
+            self.input_gram = add_gram_upper(self.input_gram, rows.to(torch.float32), self.hessian_dtype)
+        self.num_tokens += rows.shape[0]
         return x
 
 
