@@ -39,9 +39,10 @@ import torch
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from torch.utils import _pytree as pytree
 
-from fptq_compile.capture import GraphSignature, KVCache, KVCacheLayout
+from fptq_compile.capture import GraphSignature, KVCacheLayout
 from fptq_compile.collector import fewer_collections
 from fptq_compile.errors import ExportError
+from fptq_compile.exporters.onnx_fusion_check import fusion_mismatch, without_activation_qdq
 from fptq_compile.exporters.onnx_lowering import Lowered, Route, lower
 from fptq_compile.exporters.onnx_ort_fusions import OrtFusions, fuse_for_onnx_runtime
 from fptq_compile.exporters.onnx_rewrites import (
@@ -111,11 +112,12 @@ def export_onnx(
 
     In the ``ort`` layout a causal LM's attention and norms are fused into ONNX Runtime's
     ops (:func:`fuse_for_onnx_runtime`), then the fused model is run against the compiled
-    graph on a short prefill and decoding step. Where the fusion does not hold (ONNX Runtime
-    refuses the model, or its logits differ by more than ``FUSION_TOLERANCE`` and than twice
-    the unfused model's own difference) or cannot be checked on a short input (a
-    sliding-window model), the unfused graph is written instead, with a warning and the
-    reason in :attr:`OrtFusions.unfused_reason`.
+    graph on a short prefill and decoding step
+    (:func:`~fptq_compile.exporters.onnx_fusion_check.fusion_mismatch`). Where the fusion
+    does not hold (ONNX Runtime refuses the model, or without activation quantization its
+    logits differ from the compiled graph's by more than float rounding) or cannot be checked
+    on a short input (a sliding-window model), the unfused graph is written instead, with a
+    warning and the reason in :attr:`OrtFusions.unfused_reason`.
     """
     if layout is OnnxLayout.ORT and compiled.plan.kv_cache_int8:
         # The Q/DQ in front of the cache splits the pattern onnxscript fuses into GroupQueryAttention.
@@ -151,26 +153,26 @@ def export_onnx(
 def _save_fused(
     compiled: CompiledModel, model: ir.Model, export: OnnxExport, destination: Path, num_layers: int
 ) -> tuple[OnnxExport, str]:
-    """Fuse ``model`` for ONNX Runtime and save it if it still computes what ``compiled`` does;
-    otherwise save the unfused model. Returns the export record and why fusion was refused ("")."""
-    # The unfused graph (its tensors shared): the fallback, and the measure of ORT's own
-    # difference, written out only if the fused logits need that measure (and then, if it
-    # becomes the fallback, checked and moved into place as it is).
-    unfused = model.clone()
+    """Fuse ``model`` for ONNX Runtime and save it if it still computes what ``compiled`` does
+    (:func:`~fptq_compile.exporters.onnx_fusion_check.fusion_mismatch`); otherwise save the
+    unfused model. Returns the export record and why fusion was refused ("")."""
+    unfused = model.clone()  # the fallback (its tensors shared)
     fusions = fuse_for_onnx_runtime(model, num_layers)
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
-        unfused_path = Path(scratch) / destination.name
+        scratch_path = Path(scratch) / destination.name
 
-        def saved_unfused() -> Path:
-            if not unfused_path.exists():
-                _save(unfused, unfused_path)
-            return unfused_path
+        def saved_without_qdq() -> Path:
+            _save(without_activation_qdq(model), scratch_path)
+            return scratch_path
 
         reason = _save_checked(
-            model, destination, verify=lambda fused: _fusion_mismatch(compiled, fused, saved_unfused)
+            model, destination, verify=lambda fused: fusion_mismatch(compiled, fused, saved_without_qdq)
         )
         if reason:
-            _place_checked(saved_unfused(), destination)
+            for leftover in Path(scratch).iterdir():
+                leftover.unlink()
+            _save(unfused, scratch_path)
+            _place_checked(scratch_path, destination)
             return export, reason
     return dataclasses.replace(export, fusions=fusions), ""
 
@@ -266,60 +268,6 @@ def _on_meta(value: object) -> object:
 
 def _read_offloaded(store: TensorStore, name: str) -> ir.TensorProtocol:
     return ir.tensor(store.load(name).numpy(), name=name)
-
-
-# A fused model's logits must stay within this relative max difference of the compiled
-# graph's, or within FUSION_NOISE_FACTOR times the unfused model's own difference: through a
-# deep quantized model, tiny float differences flip int8 roundings that add up (SmolLM2's
-# unfused ORT graph differs by ~0.13 on random tokens), while a wrong fusion is off by
-# 0.1-0.7 on the tiny test models, whose unfused difference is ~1e-6.
-FUSION_TOLERANCE = 1e-2
-FUSION_NOISE_FACTOR = 2.0
-
-
-def _fusion_mismatch(compiled: CompiledModel, fused: Path, unfused: Callable[[], Path]) -> str:
-    """Why the fused model does not compute what ``compiled`` does ("" if it does), on a
-    2 x 5-token prefill and one decoding step, measured against the unfused model's own
-    difference (``unfused`` saves it, when the fused logits are not within the tolerance)."""
-    assert compiled.kv_layout is not None  # only causal LMs are fused
-    ids = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(0))
-    empty = compiled.kv_layout.empty(2)
-    prefill, past = compiled.step(ids[:, :-1], empty)
-    decode, _ = compiled.step(ids[:, -1:], past)
-    expected = {"prefill": prefill, "decoding": decode}
-    errors = _logit_errors(fused, ids, empty, expected)
-    if isinstance(errors, str):
-        return f"ONNX Runtime fails on the fused graph ({errors})"
-    if all(error <= FUSION_TOLERANCE for error in errors.values()):
-        return ""
-    floor = _logit_errors(unfused(), ids, empty, expected)
-    if isinstance(floor, str):
-        raise ExportError(f"ONNX Runtime fails on the unfused graph: {floor}")
-    for name, error in errors.items():
-        if not error <= max(FUSION_TOLERANCE, FUSION_NOISE_FACTOR * floor[name]):
-            return (
-                f"the fused graph's {name} logits differ from the compiled graph's by {error:.2g} (relative), "
-                f"the unfused graph's by {floor[name]:.2g}"
-            )
-    return ""
-
-
-def _logit_errors(
-    path: Path, ids: torch.Tensor, empty: KVCache, expected: Mapping[str, torch.Tensor]
-) -> dict[str, float] | str:
-    """Relative max logit difference between the ONNX model at ``path`` and the ``expected``
-    logits of a prefill of ``ids[:, :-1]`` and a decoding step of the last ids; or why ONNX
-    Runtime fails to run it."""
-    from fptq_compile.runtime import OrtCausalLM
-
-    try:
-        session = OrtCausalLM.load(path, exact=True)
-        prefill, past = session.step(ids[:, :-1], empty)
-        decode, _ = session.step(ids[:, -1:], past)
-    except Exception as error:  # ONNX Runtime refuses the graph: say how
-        return f"{type(error).__name__}: {str(error)[:200]}"
-    actual = {"prefill": prefill, "decoding": decode}
-    return {name: float((actual[name] - logits).abs().max() / logits.abs().max()) for name, logits in expected.items()}
 
 
 def _save_checked(
