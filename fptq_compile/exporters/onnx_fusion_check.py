@@ -116,11 +116,11 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(tensor.numpy().reshape(()))
 
 
-def fusion_mismatch(compiled: CompiledModel, fused: Path, fused_without_qdq: Callable[[], Path]) -> str:
+def fusion_mismatch(compiled: CompiledModel, fused: Path, fused_without_qdq: Callable[[], Path | bytes]) -> str:
     """Why the fused model at ``fused`` does not compute what ``compiled`` does ("" if it
     does), on a 2 x 5-token prefill and one decoding step: the fused model must run, and
-    without activation quantization (``fused_without_qdq`` saves it) match the compiled
-    graph without it within ``FUSION_TOLERANCE``."""
+    without activation quantization (``fused_without_qdq`` gives it, saved or serialized)
+    match the compiled graph without it within ``FUSION_TOLERANCE``."""
     assert compiled.kv_layout is not None  # only causal LMs are fused
     ids = torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(0))
     empty = compiled.kv_layout.empty(2)
@@ -151,12 +151,16 @@ def _logits(step: Callable[..., tuple[torch.Tensor, KVCache]], ids: torch.Tensor
     return {"prefill": prefill, "decoding": decoding}
 
 
-def _ort_logits(path: Path, ids: torch.Tensor, empty: KVCache) -> Logits | str:
-    """:func:`_logits` of the ONNX model at ``path`` in ONNX Runtime (exact: int4 products in
-    float, as the compiled graph computes them), or why ONNX Runtime fails on it."""
-    from fptq_compile.runtime import OrtCausalLM
+def _ort_logits(model: Path | bytes, ids: torch.Tensor, empty: KVCache) -> Logits | str:
+    """:func:`_logits` of the ONNX model (its file, or serialized) in ONNX Runtime (exact:
+    int4 products in float, as the compiled graph computes them), or why ONNX Runtime fails on it."""
+    import onnxruntime as ort
+
+    from fptq_compile.runtime import OrtCausalLM, session_options
 
     try:
-        return _logits(OrtCausalLM.load(path, exact=True).step, ids, empty)
+        source = model if isinstance(model, bytes) else str(model)
+        session = ort.InferenceSession(source, session_options(exact=True), providers=["CPUExecutionProvider"])
+        return _logits(OrtCausalLM.from_session(session).step, ids, empty)
     except Exception as error:  # ONNX Runtime refuses the graph: say how
         return f"{type(error).__name__}: {str(error)[:200]}"

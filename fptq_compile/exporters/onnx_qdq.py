@@ -60,6 +60,9 @@ OPSET = 21
 EXTERNAL_DATA_THRESHOLD = 1 << 31
 # Tensor bytes computed and waiting to be written at once while saving.
 SAVE_IN_FLIGHT_BYTES = 1 << 28
+# The fusion check serializes a model under this size in memory (faster than a file), a
+# bigger one to a scratch file.
+IN_MEMORY_CHECK_BYTES = 1 << 29
 
 
 class OnnxLayout(enum.Enum):
@@ -161,13 +164,14 @@ def _save_fused(
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
         scratch_path = Path(scratch) / destination.name
 
-        def saved_without_qdq() -> Path:
-            _save(without_activation_qdq(model), scratch_path)
+        def without_qdq() -> Path | bytes:
+            float_activations = without_activation_qdq(model)
+            if _tensor_bytes(float_activations) < IN_MEMORY_CHECK_BYTES:
+                return ir.to_proto(float_activations).SerializeToString()
+            _save(float_activations, scratch_path)
             return scratch_path
 
-        reason = _save_checked(
-            model, destination, verify=lambda fused: fusion_mismatch(compiled, fused, saved_without_qdq)
-        )
+        reason = _save_checked(model, destination, verify=lambda fused: fusion_mismatch(compiled, fused, without_qdq))
         if reason:
             for leftover in Path(scratch).iterdir():
                 leftover.unlink()
@@ -306,9 +310,12 @@ def _save(model: ir.Model, path: Path, external: bool = False) -> None:
     """Write ``model`` at ``path``, its tensors in ``<name>.data`` beside it if ``external``
     or over 2 GB; the tensors are computed (read, transposed, packed) as they are written,
     a few at a time."""
-    size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
-    data_file = f"{path.name}.data" if external or size >= EXTERNAL_DATA_THRESHOLD else None
+    data_file = f"{path.name}.data" if external or _tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD else None
     ir.save(model, path, external_data=data_file, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
 
 
 def _file_bytes(path: Path) -> int:
