@@ -164,9 +164,15 @@ def _save_fused(
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.unfused.", dir=destination.parent) as scratch:
         scratch_path = Path(scratch) / destination.name
 
+        in_memory = _tensor_bytes(model) < IN_MEMORY_CHECK_BYTES
+        if in_memory:  # saved, then serialized for the check: compute each tensor once
+            for value in model.graph.initializers.values():
+                if isinstance(value.const_value, ir.LazyTensor):
+                    value.const_value.cache = True
+
         def without_qdq() -> Path | bytes:
             float_activations = without_activation_qdq(model)
-            if _tensor_bytes(float_activations) < IN_MEMORY_CHECK_BYTES:
+            if in_memory:
                 return ir.to_proto(float_activations).SerializeToString()
             _save(float_activations, scratch_path)
             return scratch_path
