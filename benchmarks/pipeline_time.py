@@ -13,11 +13,15 @@ are left out of its row. ``--variant NAME="OPTIONS"`` adds a row of this checkou
 more ``fptq compile`` options (e.g. ``bf16="--calib-dtype bfloat16"``), in the same
 rotation. Before each run the host's float32 matmul throughput is measured
 (``matmul_gflops``: SmolLM2's up projection on a calibration batch, 2048 x 576 x 1536),
-so that runs on a busy shared host show as such. Writes JSON (default
+so that runs on a busy shared host show as such. With a baseline, each repeat's wall
+time difference (this - baseline) is reported too, and its median: the pair ran minutes
+apart on the same host. ``--export-only FOLDER`` times the export alone instead: ``fptq
+export FOLDER --format ort`` (FOLDER an output folder of ``fptq compile``: its saved
+compiled model is read back and exported; wall time only). Writes JSON (default
 benchmarks/results/pipeline_time.json).
 
     python benchmarks/pipeline_time.py [--repeats 3] [--baseline PATH] [--variant NAME=OPTIONS ...]
-                                       [--json PATH]
+                                       [--export-only FOLDER] [--json PATH]
 """
 
 from __future__ import annotations
@@ -60,9 +64,12 @@ def matmul_gflops(repeats: int = 5, products: int = 20) -> float:
     return round(2 * 2048 * 576 * 1536 * products / statistics.median(seconds) / 1e9, 1)
 
 
-def run_once(source: Path, out: Path, options: list[str]) -> dict[str, Any]:
-    """One ``fptq compile`` of the default model with the package imported from ``source``."""
+def run_once(source: Path, out: Path, options: list[str], export_only: Path | None = None) -> dict[str, Any]:
+    """One ``fptq compile`` of the default model (or ``fptq export`` of ``export_only``) with
+    the package imported from ``source``."""
     command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
+    if export_only is not None:
+        command[3:5] = ["export", str(export_only.resolve()), "--format", "ort"]
     command += options
     start = time.perf_counter()
     finished = subprocess.run(
@@ -73,7 +80,7 @@ def run_once(source: Path, out: Path, options: list[str]) -> dict[str, Any]:
         raise SystemExit(f"fptq compile from {source} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
     result = json.loads(finished.stdout)
     parts = {"wall": round(wall, 2), **result.get("seconds", {})}
-    parts.update({f"compile.{step}": value for step, value in result["seconds_per_step"].items()})
+    parts.update({f"compile.{step}": value for step, value in result.get("seconds_per_step", {}).items()})
     parts.update({f"export.{step}": value for step, value in result.get("export_seconds_per_step", {}).items()})
     return parts
 
@@ -99,6 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], metavar="NAME=OPTIONS", help="this checkout with more options"
     )
+    parser.add_argument("--export-only", type=Path, metavar="FOLDER", help="time `fptq export FOLDER --format ort`")
     parser.add_argument("--json", type=Path, default=SOURCE / "benchmarks" / "results" / "pipeline_time.json")
     args = parser.parse_args()
     sources = {"this": SOURCE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
@@ -116,7 +124,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, source in sources.items():
                 gflops = matmul_gflops()
-                runs[name].append({"matmul_gflops": gflops, **run_once(source, scratch / name, options[name])})
+                parts = run_once(source, scratch / name, options[name], args.export_only)
+                runs[name].append({"matmul_gflops": gflops, **parts})
                 print(f"{name} run {repeat + 1}: {json.dumps(runs[name][-1])}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -126,6 +135,10 @@ def main() -> None:
     }
     for name, row in summary.items():
         print(f"{name} ({row['source']}), medians of {args.repeats}: {json.dumps(row['medians'])}")
+    if "baseline" in runs:
+        pairs = [round(a["wall"] - b["wall"], 2) for a, b in zip(runs["this"], runs["baseline"], strict=True)]
+        summary["paired_wall_difference"] = {"this_minus_baseline": pairs, "median": statistics.median(pairs)}
+        print(f"wall time, this - baseline, per repeat: {pairs}; median {statistics.median(pairs)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
