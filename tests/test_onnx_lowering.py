@@ -179,3 +179,31 @@ def test_a_direct_translation_that_fails_falls_back_to_the_decomposition_and_say
     assert lowered.reason == "the direct translation failed (RuntimeError: an internal API changed)"
     (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": x.numpy()})
     np.testing.assert_allclose(actual, _Casts()(x).numpy(), rtol=1e-3, atol=1e-3)
+
+
+class _Slices(nn.Module):
+    """Slices with integer bounds (negative, open, strided) and one with a symbolic bound."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = x[:, 1:5] + x[:, -4:] * x[:, ::2]
+        return columns[: x.shape[0] - 1]
+
+
+def test_integer_slice_bounds_are_constants_and_symbolic_ones_computed(tmp_path):
+    module = _Slices()
+    dynamic = ({0: torch.export.Dim("rows", min=3)},)
+    program = torch.export.export(module, (torch.randn(4, 8),), dynamic_shapes=dynamic)
+    lowered = lower(program, opset=OPSET, dynamic_shapes=dynamic, input_names=["x"], output_names=["y"], optimize=False)
+    assert lowered.route is Route.DIRECT
+    bounds = [
+        [bound.producer().op_type if bound.producer() else "initializer" for bound in node.inputs[1:]]
+        for node in lowered.model.graph
+        if node.op_type == "Slice"
+    ]
+    # Each x[:, a:b] slices both dimensions; columns[: rows - 1] has a symbolic end.
+    constant = ["Constant"] * 4
+    (symbolic,) = [producers for producers in bounds if producers != constant]
+    assert symbolic[1] != "Constant"  # the end, computed by torchlib's translation
+    other = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    (actual,) = _session(lowered.model, tmp_path, "m").run(["y"], {"x": other.numpy()})
+    np.testing.assert_array_equal(actual, module(other).numpy())

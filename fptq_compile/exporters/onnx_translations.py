@@ -2,6 +2,10 @@
 ``custom_translation_table``. Each is written with standard opset-21 ops and has
 exactly the semantics of the op's torch kernel (:mod:`fptq_compile.primitives`):
 ``round(x / scale)`` half to even, saturated to int8.
+
+And one aten op, ``slice.Tensor`` with integer bounds, whose torchlib translation casts and
+reshapes each bound (8 nodes a slice that the optimizer folds again; SmolLM2: 720 of the
+lowered graph's 4599 nodes, 0.5 s of the fusion's optimizer): here the bounds are constants.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 from onnxscript import opset21 as op
+from onnxscript.function_libs.torch_lib.ops.core import aten_slice
 
 from fptq_compile import primitives
 
@@ -55,7 +60,22 @@ def dequantize_int8_groups(codes: Any, scale: Any, group_size: int) -> Any:
     return op.DequantizeLinear(codes, scale, axis=1, block_size=group_size)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def slice_tensor(x: Any, dim: int = 0, start: Any = None, end: Any = None, step: Any = 1) -> Any:
+    """``aten.slice.Tensor``: ``Slice`` with constant bounds when they are integers;
+    torchlib's translation when one is symbolic."""
+    if not all(bound is None or isinstance(bound, int) for bound in (start, end, step)):
+        return aten_slice(x, dim, start, end, step)
+    first = 0 if start is None else start
+    last = _INT64_MAX if end is None else min(end, _INT64_MAX)
+    bounds = ([first], [last], [dim], [1 if step is None else step])
+    return op.Slice(x, *(op.Constant(value_ints=value) for value in bounds))
+
+
 TRANSLATION_TABLE: dict[Any, Any] = {
+    torch.ops.aten.slice.Tensor: slice_tensor,
     torch.ops.fptq.quantize_per_tensor.default: quantize_per_tensor,
     torch.ops.fptq.dequantize_per_tensor.default: dequantize_per_tensor,
     torch.ops.fptq.quantize_per_token.default: quantize_per_token,
