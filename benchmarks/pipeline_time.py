@@ -69,7 +69,7 @@ def run_once(source: Path, out: Path, options: list[str], export_only: Path | No
     the package imported from ``source``."""
     command = [sys.executable, "-m", "fptq_compile.cli", "compile", "--out", str(out), "--overwrite", "--quiet"]
     if export_only is not None:
-        command[3:5] = ["export", str(export_only.resolve()), "--format", "ort"]
+        command[3:4] = ["export", str(export_only.resolve()), "--format", "ort"]
     command += options
     start = time.perf_counter()
     finished = subprocess.run(
