@@ -77,7 +77,7 @@ def run_once(source: Path, out: Path, options: list[str], export_only: Path | No
     )
     wall = time.perf_counter() - start
     if finished.returncode != 0:
-        raise SystemExit(f"fptq compile from {source} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
+        raise SystemExit(f"fptq {command[3]} from {source} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
     result = json.loads(finished.stdout)
     parts = {"wall": round(wall, 2), **result.get("seconds", {})}
     parts.update({f"compile.{step}": value for step, value in result.get("seconds_per_step", {}).items()})

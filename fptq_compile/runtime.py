@@ -62,16 +62,20 @@ class OrtCausalLM:
     """Per layer, key then value ``[batch, kv_heads, capacity, head_dim]``."""
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], threads: int | None = None, exact: bool = True) -> OrtCausalLM:
-        model_path = Path(path)
-        if model_path.is_dir():
-            model_path = model_path / "model.onnx"
-        if not model_path.is_file():
-            raise ExportError(f"no ONNX model at {model_path}")
-        return cls.from_session(
-            ort.InferenceSession(str(model_path), session_options(threads, exact), providers=["CPUExecutionProvider"]),
-            str(model_path),
-        )
+    def load(cls, path: str | os.PathLike[str] | bytes, threads: int | None = None, exact: bool = True) -> OrtCausalLM:
+        """The model at ``path`` (a file, or a folder with ``model.onnx``), or a serialized model."""
+        source: str | bytes
+        if isinstance(path, bytes):
+            source, name = path, "the serialized model"
+        else:
+            model_path = Path(path)
+            if model_path.is_dir():
+                model_path = model_path / "model.onnx"
+            if not model_path.is_file():
+                raise ExportError(f"no ONNX model at {model_path}")
+            source = name = str(model_path)
+        options = session_options(threads, exact)
+        return cls.from_session(ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]), name)
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, name: str = "the model") -> OrtCausalLM:

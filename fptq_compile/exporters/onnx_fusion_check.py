@@ -154,13 +154,9 @@ def _logits(step: Callable[..., tuple[torch.Tensor, KVCache]], ids: torch.Tensor
 def _ort_logits(model: Path | bytes, ids: torch.Tensor, empty: KVCache) -> Logits | str:
     """:func:`_logits` of the ONNX model (its file, or serialized) in ONNX Runtime (exact:
     int4 products in float, as the compiled graph computes them), or why ONNX Runtime fails on it."""
-    import onnxruntime as ort
-
-    from fptq_compile.runtime import OrtCausalLM, session_options
+    from fptq_compile.runtime import OrtCausalLM
 
     try:
-        source = model if isinstance(model, bytes) else str(model)
-        session = ort.InferenceSession(source, session_options(exact=True), providers=["CPUExecutionProvider"])
-        return _logits(OrtCausalLM.from_session(session).step, ids, empty)
+        return _logits(OrtCausalLM.load(model, exact=True).step, ids, empty)
     except Exception as error:  # ONNX Runtime refuses the graph: say how
         return f"{type(error).__name__}: {str(error)[:200]}"
